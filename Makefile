@@ -1,0 +1,52 @@
+# Two commands set everything up on a fresh machine with python3.12:
+#   make train   venv + requirements + Fashion-MNIST files, then train the default config
+#   make test    venv + dev requirements, then ruff and pytest
+PYTHON ?= python3.12
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+WORKDIR ?= workdirs/default
+CONFIG ?= configs/default.py
+FASHION_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
+                 t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+
+.PHONY: train test lint data setup setup-dev clean
+
+$(VENV)/.installed: requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; JAX >= 0.11 needs Python >= 3.12 (pyenv install 3.12, or PYTHON=/path/to/python3.12)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
+
+# Fashion-MNIST's four IDX files: Debian's dataset-fashion-mnist package when apt is available.
+data:
+	@missing=0; for f in $(FASHION_FILES); do [ -f "$(DATA_DIR)/$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ] && [ "$(DATA_DIR)" = /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "Installing Debian's dataset-fashion-mnist into $(DATA_DIR)"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi; \
+	for f in $(FASHION_FILES); do \
+	  [ -f "$(DATA_DIR)/$$f" ] || { echo "error: $(DATA_DIR)/$$f is missing. Put Fashion-MNIST's four IDX files ($(FASHION_FILES)) there (from https://github.com/zalandoresearch/fashion-mnist), or run 'make train DATA_DIR=/your/dir'."; exit 1; }; \
+	done
+
+train: setup data
+	$(PY) launch.py train --config=$(CONFIG):data_dir=$(DATA_DIR) --workdir=$(WORKDIR)
+
+lint: setup-dev
+	$(PY) -m ruff check .
+
+test: setup-dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache

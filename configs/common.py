@@ -1,0 +1,153 @@
+"""Shared pieces of the config files: typed `key=value` args and the papers' training recipes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _convert(key: str, raw: str, default):
+  """Parses `raw` to the type of `default`; the error names the key, the value and the type."""
+  try:
+    if isinstance(default, bool):
+      if raw.lower() in _TRUE + _FALSE:
+        return raw.lower() in _TRUE
+      raise ValueError
+    if isinstance(default, int):
+      return int(raw)
+    if isinstance(default, float):
+      return float(raw)
+  except ValueError:
+    expected = f"one of {_TRUE + _FALSE}" if isinstance(default, bool) else type(default).__name__
+    raise ValueError(f"config arg {key}={raw!r} is not a valid {expected}") from None
+  return raw
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision-style `key=value,key=value` config args, typed by their defaults.
+
+  A bare `key` means `key=true`. Unknown keys are an error that lists the valid ones.
+  """
+  values = dict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, raw = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; valid args: {sorted(defaults)}")
+    values[key] = _convert(key, raw if "=" in item else "true", defaults[key])
+  return ml_collections.ConfigDict(values)
+
+
+def check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"config arg {name}={value!r} is not one of {tuple(choices)}")
+
+
+RECIPES = ("paper", "official")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a training run reads, with neutral defaults; config files override them."""
+  c = ml_collections.ConfigDict()
+  c.model = "shufflenet_v1"
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.conv_impl = "auto"             # auto | xla | matmul (layers.py); auto = fastest measured
+  c.compute_dtype = "float32"      # float32 | bfloat16; params stay float32
+  c.bn_mode = "global"             # global (SPMD batch stats) | per_device (paper's per-GPU BN)
+
+  c.dataset = "fashion_mnist"      # fashion_mnist | imagenet2012 | image_folder
+  c.data_dir = ""
+  c.num_classes = 10
+  c.in_channels = 1
+  c.input_size = 28
+  c.augment = "small"              # small (pad+crop, flip) | imagenet (random resized crop)
+  c.crop_area = (0.08, 1.0)        # random-resized-crop area range (imagenet augment)
+  c.color_jitter = 0.0
+  c.input_format = "rgb_normalized"  # rgb_normalized | bgr_255 (official Megvii input)
+  c.eval_resize = 256
+  c.num_workers = 0                # grain decoding worker processes per host (0 = in-process)
+  c.on_bad_image = "fail"          # fail | skip (image_folder: skip and count unreadable files)
+
+  c.batch_size = 128               # global, over all devices of all hosts
+  c.eval_batch_size = 256
+  c.num_epochs = 10.0
+  c.total_steps = 0                # > 0 overrides num_epochs
+  c.lr = 0.5                       # at lr_reference_batch; scaled linearly to batch_size
+  c.lr_reference_batch = 1024
+  c.lr_schedule = "linear"         # linear (to zero, paper) | cosine | constant
+  c.warmup_steps = 0
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 4e-5            # on conv/FC kernels only
+  c.label_smoothing = 0.0
+
+  c.seed = 0
+  c.log_every_steps = 50
+  c.eval_every_steps = 0           # 0 = at the end of every epoch
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.resume = "auto"                # auto (resume if the config matches) | force | never
+  return c
+
+
+def imagenet_recipe(c: ml_collections.ConfigDict, recipe: str, model_scale: float) -> None:
+  """The paper's ImageNet recipe, or the official code's (`recipe=official`)."""
+  check_choice("recipe", recipe, RECIPES)
+  c.dataset = "imagenet2012"
+  c.data_dir = "~/tensorflow_datasets"
+  c.num_classes = 1000
+  c.in_channels = 3
+  c.input_size = 224
+  c.eval_resize = 256
+  c.augment = "imagenet"
+  c.batch_size = 1024
+  c.eval_batch_size = 1024
+  c.lr = 0.5
+  c.lr_schedule = "linear"
+  c.total_steps = 300_000          # 3e5 iterations at batch 1024 (~240 epochs)
+  c.momentum = 0.9
+  c.weight_decay = 4e-5
+  c.checkpoint_every_steps = 2000
+  c.eval_every_steps = 10_000
+  c.log_every_steps = 100
+  c.num_workers = 16
+  if recipe == "paper":
+    # "slightly less aggressive scale augmentation" (tensorpack: 0.49 below 1x).
+    c.crop_area = (0.49, 1.0) if model_scale < 1 else (0.08, 1.0)
+  else:
+    c.crop_area = (0.08, 1.0)
+    c.label_smoothing = 0.1
+    c.color_jitter = 0.4
+    c.input_format = "bgr_255"
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """Shrinks any config to a CPU-seconds run on generated-size inputs (tests, quick checks)."""
+  c.input_size = min(c.input_size, 32)
+  c.eval_resize = c.input_size
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.total_steps = 4
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 2
+  c.num_workers = 0
+  c.model_kwargs.stem = "small"
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:args]` the way `--config=` does, for tests, sweeps and tools."""
+  path, _, arg = spec.partition(":")
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

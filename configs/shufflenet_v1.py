@@ -1,0 +1,33 @@
+"""ShuffleNet v1 on ImageNet with the paper's recipe (or `recipe=official`).
+
+Args (`key=value`, comma separated): groups=1|2|3|4|8, scale=0.25..2, shuffle=true|false,
+shallow=false, recipe=paper|official, bn_mode=global|per_device, smoke=false.
+
+One machine:
+  python launch.py train --config=configs/shufflenet_v1.py:groups=3,scale=1.0 \
+      --workdir=workdirs/v1_g3_1x
+TPU pod (the same command on every host; jax.distributed joins them):
+  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd shufflenet_jax && \
+      python launch.py train --config=configs/shufflenet_v1.py:groups=8 --workdir=gs://$BUCKET/v1_g8"
+"""
+
+from configs import common
+from shufflenet_jax.models import shufflenet_v1
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, groups=3, scale=1.0, shuffle=True, shallow=False,
+                          recipe="paper", bn_mode="global", smoke=False)
+  shufflenet_v1.v1_channels(args.groups, args.scale)  # validates groups and scale early
+  c = common.base_config()
+  common.imagenet_recipe(c, args.recipe, args.scale)
+  c.model = "shufflenet_v1"
+  c.model_kwargs = dict(groups=args.groups, scale=args.scale, shuffle=args.shuffle,
+                        shallow=args.shallow, stem="imagenet")
+  if args.recipe == "official":
+    c.model_kwargs.shuffle_order = "official"
+  common.check_choice("bn_mode", args.bn_mode, ("global", "per_device"))
+  c.bn_mode = args.bn_mode
+  if args.smoke:
+    common.smoke(c)
+  return c

@@ -1,0 +1,27 @@
+"""ShuffleNet v2 (torchvision layout) on ImageNet with the paper's recipe (or `recipe=official`).
+
+Args: scale=0.5|1.0|1.5|2.0, recipe=paper|official, bn_mode=global|per_device, smoke=false.
+
+One machine:
+  python launch.py train --config=configs/shufflenet_v2.py:scale=1.0 --workdir=workdirs/v2_1x
+TPU pod (the same command on every host; jax.distributed joins them):
+  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd shufflenet_jax && \
+      python launch.py train --config=configs/shufflenet_v2.py:scale=1.0 --workdir=gs://$BUCKET/v2_1x"
+"""
+
+from configs import common
+from shufflenet_jax.models import shufflenet_v2
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, scale=1.0, recipe="paper", bn_mode="global", smoke=False)
+  common.check_choice("scale", args.scale, shufflenet_v2.SCALES)
+  c = common.base_config()
+  common.imagenet_recipe(c, args.recipe, args.scale)
+  c.model = "shufflenet_v2"
+  c.model_kwargs = dict(scale=args.scale, stem="imagenet")
+  common.check_choice("bn_mode", args.bn_mode, ("global", "per_device"))
+  c.bn_mode = args.bn_mode
+  if args.smoke:
+    common.smoke(c)
+  return c

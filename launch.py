@@ -1,0 +1,54 @@
+"""Command-line entry point: `python launch.py COMMAND --config=configs/FILE.py:ARGS ...`.
+
+Commands:
+  summary  per-layer table (output size, channels, MFLOPs, params); --json adds a JSON last line
+  train    train_and_evaluate(config, workdir), resuming from the workdir if it holds a run
+  eval     evaluate the latest checkpoint in --workdir and print top-1/top-5
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("summary", "train", "eval")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py:groups=3",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.json.")
+flags.DEFINE_bool("json", False, "summary: also print one JSON object on the last line.")
+
+
+def _summary(config) -> None:
+  from shufflenet_jax import summary  # imported late: keeps `--help` fast
+  result = summary.summarize(config)
+  print(summary.format_table(result))
+  if FLAGS.json:
+    print(json.dumps({"model": result["model"], "macs": result["macs"],
+                      "params": result["params"], "input_size": result["input_size"]}))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"expected one command from {COMMANDS}, got {argv[1:]}")
+  command = argv[1]
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/default.py")
+  if command == "summary":
+    _summary(FLAGS.config)
+    return
+  if FLAGS.workdir is None:
+    raise app.UsageError(f"{command} needs --workdir")
+  from shufflenet_jax import train
+  if command == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

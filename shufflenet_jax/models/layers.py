@@ -1,0 +1,211 @@
+"""Building blocks shared by every model: channel shuffle, convolutions, BN, pooling.
+
+All tensors are NHWC. Every grouped or depthwise convolution in the project goes through
+`conv2d`, so the implementation (XLA's `feature_group_count` or the matmul/shifted-slice form
+that is much faster on XLA:CPU) is chosen in one place, without touching the models.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+CONV_IMPLS = ("auto", "xla", "matmul")
+SHUFFLE_ORDERS = ("paper", "official")
+
+# BatchNorm as the papers and PyTorch use it; NNX's default momentum (0.99) is not PyTorch's 0.1.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def _check_divisible(channels: int, groups: int, what: str) -> None:
+  if groups < 1 or channels % groups:
+    raise ValueError(f"{what}: {channels} channels are not divisible by groups={groups}")
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """The paper's shuffle: channels as (groups, n) -> transpose to (n, groups) -> flatten."""
+  *lead, c = x.shape
+  _check_divisible(c, groups, "channel_shuffle")
+  x = x.reshape(*lead, groups, c // groups)
+  return jnp.swapaxes(x, -1, -2).reshape(*lead, c)
+
+
+def channel_unshuffle(x: jax.Array, groups: int) -> jax.Array:
+  """Inverse of `channel_shuffle`: (n, groups) -> (groups, n); the official Megvii V1 order."""
+  *lead, c = x.shape
+  _check_divisible(c, groups, "channel_unshuffle")
+  x = x.reshape(*lead, c // groups, groups)
+  return jnp.swapaxes(x, -1, -2).reshape(*lead, c)
+
+
+def shuffle_permutation(channels: int, groups: int) -> list[int]:
+  """Output channel i of `channel_shuffle` is input channel perm[i] (a fixed gather, 4-D export)."""
+  _check_divisible(channels, groups, "shuffle_permutation")
+  n = channels // groups
+  return [(i % groups) * n + i // groups for i in range(channels)]
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """`auto` picks the measured fastest implementation for the default backend (BENCHMARKS.md)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={impl!r} is not one of {CONV_IMPLS}")
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def _xla_conv(x, kernel, stride, padding, groups):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups)
+
+
+def _grouped_pointwise(x, kernel, groups):
+  """1x1 conv with groups as one batched matmul over (groups, channels per group)."""
+  *lead, cin = x.shape
+  cout = kernel.shape[-1]
+  xg = x.reshape(*lead, groups, cin // groups)
+  kg = kernel.reshape(cin // groups, groups, cout // groups).swapaxes(0, 1)
+  y = jnp.einsum("...gi,gio->...go", xg, kg)
+  return y.reshape(*lead, cout)
+
+
+def _depthwise_shifted(x, kernel, stride, padding):
+  """Depthwise k x k conv as a sum of k*k strided slices times per-channel weights."""
+  kh, kw, _, cout = kernel.shape
+  n, h, w, c = x.shape
+  mult = cout // c
+  if mult > 1:  # channel multiplier: output channel j reads input channel j // mult
+    x = jnp.repeat(x, mult, axis=-1)
+  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out_h = (h + 2 * padding - kh) // stride + 1
+  out_w = (w + 2 * padding - kw) // stride + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      patch = jax.lax.slice(
+          x, (0, i, j, 0),
+          (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, cout),
+          (1, stride, stride, 1))
+      term = patch * kernel[i, j, 0]
+      y = term if y is None else y + term
+  return y
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+           groups: int = 1, impl: str = "auto") -> jax.Array:
+  """NHWC conv with an HWIO kernel and symmetric padding; the one place convs are computed."""
+  impl = resolve_conv_impl(impl)
+  kh, kw, cin_per_group, cout = kernel.shape
+  cin = x.shape[-1]
+  if cin != cin_per_group * groups:
+    raise ValueError(f"conv2d: input has {cin} channels, kernel expects "
+                     f"{cin_per_group} x groups={groups}")
+  if impl == "matmul":
+    if kh == kw == 1 and padding == 0:
+      if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+      if groups == 1:
+        return jnp.einsum("nhwi,io->nhwo", x, kernel[0, 0])
+      return _grouped_pointwise(x, kernel, groups)
+    if groups == cin and cin_per_group == 1:
+      return _depthwise_shifted(x, kernel, stride, padding)
+  return _xla_conv(x, kernel, stride, padding, groups)
+
+
+class Conv(nnx.Module):
+  """Bias-free (by default) NHWC conv whose grouped/depthwise math goes through `conv2d`."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int = 1, *,
+               stride: int = 1, padding: int | None = None, groups: int = 1,
+               use_bias: bool = False, conv_impl: str = "auto", dtype=None,
+               rngs: nnx.Rngs):
+    _check_divisible(in_features, groups, "Conv input")
+    _check_divisible(out_features, groups, "Conv output")
+    self.stride = stride
+    self.padding = (kernel_size - 1) // 2 if padding is None else padding
+    self.groups = groups
+    self.conv_impl = resolve_conv_impl(conv_impl)
+    self.dtype = dtype
+    shape = (kernel_size, kernel_size, in_features // groups, out_features)
+    init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+    self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    if self.dtype is not None:
+      x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = conv2d(x, kernel, stride=self.stride, padding=self.padding, groups=self.groups,
+               impl=self.conv_impl)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
+
+
+def batch_norm(features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """BatchNorm with PyTorch's momentum/epsilon; statistics stay float32 under bf16 compute."""
+  return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                       rngs=rngs)
+
+
+class ConvBN(nnx.Module):
+  """Conv -> BatchNorm -> optional ReLU, the unit every ShuffleNet layer is made of."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int = 1, *,
+               stride: int = 1, groups: int = 1, relu: bool = True, conv_impl: str = "auto",
+               dtype=None, rngs: nnx.Rngs):
+    self.conv = Conv(in_features, out_features, kernel_size, stride=stride, groups=groups,
+                     conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    self.bn = batch_norm(out_features, dtype=dtype, rngs=rngs)
+    self.relu = relu
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = self.bn(self.conv(x), use_running_average=not train)
+    return jax.nn.relu(x) if self.relu else x
+
+
+def _pool(x, init, op, size, stride, padding):
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  return jax.lax.reduce_window(x, init, op, (1, size, size, 1), (1, stride, stride, 1), pad)
+
+
+def max_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+  """Max pool with explicit symmetric padding (SAME pads (0, 1) at stride 2, unlike PyTorch)."""
+  return _pool(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, size, stride, padding)
+
+
+def avg_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+  """Average pool that counts padded zeros, as PyTorch's AvgPool2d does by default."""
+  summed = _pool(x, jnp.array(0, x.dtype), jax.lax.add, size, stride, padding)
+  return summed / (size * size)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=(1, 2))
+
+
+class Dense(nnx.Module):
+  """Classifier layer; logits are computed and returned in float32."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               rngs: nnx.Rngs):
+    self.linear = nnx.Linear(in_features, out_features, use_bias=use_bias,
+                             kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear(x.astype(jnp.float32))
+
+
+
+def sequential(modules):
+  """fn(x, train) that applies `modules` (each called as m(x, train)) in order."""
+  def apply(x, train):
+    for module in modules:
+      x = module(x, train)
+    return x
+  return apply

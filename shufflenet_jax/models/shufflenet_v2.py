@@ -1,0 +1,112 @@
+"""ShuffleNet v2 (Ma et al., ECCV 2018) in torchvision's layout, so parameter counts match exactly.
+
+Stride-1 unit: split channels into halves, transform the second, concat, shuffle with 2 groups.
+Stride-2 unit: both branches see the whole input, concat, shuffle. All convs are bias-free; the
+classifier has a bias.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shufflenet_jax.models.layers import (
+  ConvBN,
+  Dense,
+  channel_shuffle,
+  global_avg_pool,
+  max_pool,
+  sequential,
+)
+
+# [conv1, stage2, stage3, stage4, conv5] per width multiplier (paper Table 5 / torchvision).
+CHANNELS = {
+    0.5: (24, 48, 96, 192, 1024),
+    1.0: (24, 116, 232, 464, 1024),
+    1.5: (24, 176, 352, 704, 1024),
+    2.0: (24, 244, 488, 976, 2048),
+}
+SCALES = tuple(CHANNELS)
+STAGE_REPEATS = (4, 8, 4)
+STEMS = ("imagenet", "small")
+
+
+class ShuffleV2Unit(nnx.Module):
+  """torchvision's InvertedResidual: chunk halves (stride 1) or two branches (stride 2), shuffle."""
+
+  def __init__(self, in_features: int, out_features: int, *, stride: int, conv_impl: str,
+               dtype, rngs: nnx.Rngs):
+    branch = out_features // 2
+    if stride == 1 and in_features != 2 * branch:
+      raise ValueError(f"stride-1 unit needs in == out channels, got {in_features}->{out_features}")
+    common = dict(conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    self.stride = stride
+    if stride > 1:
+      self.branch1 = nnx.List([
+          ConvBN(in_features, in_features, 3, stride=stride, groups=in_features, relu=False,
+                 **common),
+          ConvBN(in_features, branch, 1, **common),
+      ])
+    else:
+      self.branch1 = None
+    self.branch2 = nnx.List([
+        ConvBN(in_features if stride > 1 else branch, branch, 1, **common),
+        ConvBN(branch, branch, 3, stride=stride, groups=branch, relu=False, **common),
+        ConvBN(branch, branch, 1, **common),
+    ])
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.stride == 1:
+      x1, x2 = jnp.split(x, 2, axis=-1)
+      out = jnp.concatenate([x1, sequential(self.branch2)(x2, train)], axis=-1)
+    else:
+      out = jnp.concatenate([sequential(self.branch1)(x, train),
+                             sequential(self.branch2)(x, train)], axis=-1)
+    return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nnx.Module):
+  """Conv1 -> MaxPool -> Stage2/3/4 -> Conv5 -> global pool -> FC (with bias)."""
+
+  def __init__(self, *, scale: float = 1.0, stem: str = "imagenet", num_classes: int = 1000,
+               in_channels: int = 3, conv_impl: str = "auto", dtype=None, rngs: nnx.Rngs):
+    if scale not in CHANNELS:
+      raise ValueError(f"scale={scale!r} is not one of {SCALES} for shufflenet_v2")
+    if stem not in STEMS:
+      raise ValueError(f"stem={stem!r} is not one of {STEMS}")
+    conv1, *widths, conv5 = CHANNELS[scale]
+    self.channels = CHANNELS[scale]
+    self.repeats = STAGE_REPEATS
+    self.stem = stem
+    common = dict(conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    self.conv1 = ConvBN(in_channels, conv1, 3, stride=2 if stem == "imagenet" else 1, **common)
+    stages = []
+    in_features = conv1
+    for width, repeats in zip(widths, STAGE_REPEATS):
+      units = []
+      for unit_index in range(repeats):
+        units.append(ShuffleV2Unit(in_features, width, stride=2 if unit_index == 0 else 1,
+                                   **common))
+        in_features = width
+      stages.append(nnx.List(units))
+    self.stages = nnx.List(stages)
+    self.conv5 = ConvBN(in_features, conv5, 1, **common)
+    self.fc = Dense(conv5, num_classes, use_bias=True, rngs=rngs)
+
+  def named_layers(self) -> list[tuple[str, callable]]:
+    """Table-5 rows as (name, fn(x, train)), in order; `__call__` and the summary share them."""
+    layers = [("conv1", self.conv1)]
+    if self.stem == "imagenet":
+      layers.append(("maxpool", lambda x, train: max_pool(x)))
+    for index, stage in enumerate(self.stages):
+      layers.append((f"stage{index + 2}", sequential(stage)))
+    layers.append(("conv5", self.conv5))
+    layers.append(("global_pool", lambda x, train: global_avg_pool(x)))
+    layers.append(("fc", lambda x, train: self.fc(x)))
+    return layers
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for _, layer in self.named_layers():
+      x = layer(x, train)
+    return x
