@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("summary", "train", "eval")
@@ -33,6 +33,8 @@ def _summary(config) -> None:
 
 
 def main(argv: list[str]) -> None:
+  if not FLAGS["verbosity"].present:  # absl defaults to INFO: Orbax would flood the console
+    logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"expected one command from {COMMANDS}, got {argv[1:]}")
   command = argv[1]

@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.bn_mode = "global"             # global (SPMD batch stats) | per_device (paper's per-GPU BN)
 
   c.dataset = "fashion_mnist"      # fashion_mnist | imagenet2012 | image_folder
-  c.data_dir = ""
+  c.data_dir = ""                  # the raw data (IDX files, ImageNet tars, image folder)
+  c.tfds_data_dir = "~/tensorflow_datasets"  # where the prepared array_record files go
   c.num_classes = 10
   c.in_channels = 1
   c.input_size = 28
@@ -101,7 +102,7 @@ def imagenet_recipe(c: ml_collections.ConfigDict, recipe: str, model_scale: floa
   """The paper's ImageNet recipe, or the official code's (`recipe=official`)."""
   check_choice("recipe", recipe, RECIPES)
   c.dataset = "imagenet2012"
-  c.data_dir = "~/tensorflow_datasets"
+  c.data_dir = "~/imagenet_download"  # ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar
   c.num_classes = 1000
   c.in_channels = 3
   c.input_size = 224

@@ -176,12 +176,12 @@ def _pool(x, init, op, size, stride, padding):
 
 def max_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
   """Max pool with explicit symmetric padding (SAME pads (0, 1) at stride 2, unlike PyTorch)."""
-  return _pool(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, size, stride, padding)
+  return _pool(x, -jnp.inf, jax.lax.max, size, stride, padding)
 
 
 def avg_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
   """Average pool that counts padded zeros, as PyTorch's AvgPool2d does by default."""
-  summed = _pool(x, jnp.array(0, x.dtype), jax.lax.add, size, stride, padding)
+  summed = _pool(x, 0.0, jax.lax.add, size, stride, padding)
   return summed / (size * size)
 
 

@@ -1,0 +1,171 @@
+"""Datasets -> numpy batches for this process: tfds builder -> array_record -> grain.
+
+Training batches come from a grain DataLoader whose iterator state is checkpointed with the
+model (exact resume). Evaluation reads each process's contiguous share of the split, padded to
+whole batches with `mask`=0 examples, so every example counts exactly once on any device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from shufflenet_jax.data import preprocess
+
+DATASETS = ("fashion_mnist", "imagenet2012", "image_folder")
+SPLITS = {  # (train split, eval split)
+    "fashion_mnist": ("train", "test"),
+    "imagenet2012": ("train", "validation"),
+    "image_folder": ("train", "val"),
+}
+
+
+@dataclasses.dataclass
+class Dataset:
+  train: object          # random-access source: len() and [i] -> {"image", "label"}
+  eval: object
+  class_names: list[str]
+  mean: np.ndarray
+  std: np.ndarray
+
+
+def _prepare(builder, manual_dir: str) -> None:
+  """Prepares the array_record files once; process 0 first, so a shared disk is written once."""
+  config = tfds.download.DownloadConfig(manual_dir=str(Path(manual_dir).expanduser()))
+  if jax.process_index() == 0:
+    builder.download_and_prepare(download_config=config)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-host only)
+    multihost_utils.sync_global_devices("dataset prepared")
+    builder.download_and_prepare(download_config=config)  # no-op when already there
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """The config's dataset as two random-access sources (train, eval) plus its class names."""
+  name = config.dataset
+  if name not in DATASETS:
+    raise ValueError(f"dataset={name!r} is not one of {DATASETS}")
+  tfds_dir = str(Path(config.tfds_data_dir).expanduser())
+  decoders = None
+  if name == "fashion_mnist":
+    from shufflenet_jax.data.fashion_mnist import FashionMnistIdx, check_files  # noqa: PLC0415
+    check_files(config.data_dir)
+    builder = FashionMnistIdx(data_dir=tfds_dir, file_format="array_record")
+    mean, std = preprocess.FASHION_MNIST_MEAN, preprocess.FASHION_MNIST_STD
+  elif name == "imagenet2012":
+    from shufflenet_jax.data.imagenet import imagenet_builder  # noqa: PLC0415
+    builder = imagenet_builder(tfds_dir, config.data_dir)
+    decoders = {"image": tfds.decode.SkipDecoding()}  # JPEG bytes: we decode and crop
+    mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
+  else:
+    from shufflenet_jax.data.image_folder import image_folder_builder  # noqa: PLC0415
+    builder = image_folder_builder(tfds_dir, config.data_dir, config.on_bad_image)
+    decoders = {"image": tfds.decode.SkipDecoding()}
+    mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
+  _prepare(builder, config.data_dir)
+  train_split, eval_split = SPLITS[name]
+  sources = [builder.as_data_source(split=s, decoders=decoders) for s in (train_split,
+                                                                            eval_split)]
+  names = list(builder.info.features["label"].names)
+  if len(names) != config.num_classes:
+    raise ValueError(f"num_classes={config.num_classes} but {name} in {config.data_dir!r} has "
+                     f"{len(names)} classes; set --config.num_classes={len(names)}")
+  return Dataset(*sources, class_names=names, mean=mean, std=std)
+
+
+def _train_image(config, image, rng: np.random.Generator) -> np.ndarray:
+  image = preprocess.decode(image)
+  if config.augment == "small":
+    image = preprocess.pad_crop_flip(image, rng)
+  elif config.augment == "imagenet":
+    image = preprocess.random_resized_crop(image, rng, config.input_size,
+                                           tuple(config.crop_area))
+    if config.color_jitter:
+      image = preprocess.color_jitter(image, rng, config.color_jitter)
+  else:
+    raise ValueError(f"augment={config.augment!r} is not one of ('small', 'imagenet')")
+  return image
+
+
+def eval_image(config, image) -> np.ndarray:
+  """The eval transform (also used by prediction): resize + center crop for ImageNet-size data."""
+  image = preprocess.decode(image)
+  if config.augment == "imagenet":
+    image = preprocess.resize_center_crop(image, config.eval_resize, config.input_size)
+  return image
+
+
+class _TrainTransform(grain.transforms.RandomMap):
+  def __init__(self, config, mean, std):
+    self.config, self.mean, self.std = config, mean, std
+
+  def random_map(self, record, rng: np.random.Generator):
+    image = _train_image(self.config, record["image"], rng)
+    return {"image": preprocess.normalize(image, self.config.input_format, self.mean, self.std),
+            "label": np.int32(record["label"])}
+
+
+def train_loader(config, dataset: Dataset, per_process_batch: int,
+                 seed: int) -> grain.DataLoader:
+  """Endless shuffled training batches for this process (its shard of every epoch)."""
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(dataset.train),
+      shard_options=grain.sharding.ShardOptions(
+          shard_index=jax.process_index(), shard_count=jax.process_count(),
+          drop_remainder=True),
+      shuffle=True, num_epochs=None, seed=seed)
+  return grain.DataLoader(
+      data_source=dataset.train, sampler=sampler,
+      operations=[_TrainTransform(config, dataset.mean, dataset.std),
+                  grain.transforms.Batch(per_process_batch, drop_remainder=True)],
+      worker_count=config.num_workers)
+
+
+def eval_batches(config, dataset: Dataset, per_process_batch: int) -> Iterator[dict]:
+  """This process's share of the eval split, padded to whole batches; `mask` marks real ones.
+
+  Every process yields the same number of batches, so the jitted eval step runs in lockstep.
+  """
+  n, count, index = len(dataset.eval), jax.process_count(), jax.process_index()
+  share = math.ceil(n / count)
+  start, stop = min(n, index * share), min(n, (index + 1) * share)
+  num_batches = math.ceil(share / per_process_batch)
+
+  def load(position: int):
+    i = start + position
+    if i < stop:
+      record = dataset.eval[i]
+      image = eval_image(config, record["image"])
+      image = preprocess.normalize(image, config.input_format, dataset.mean, dataset.std)
+      return {"image": image, "label": np.int32(record["label"]), "mask": np.float32(1)}
+    return None
+
+  padded = grain.MapDataset.range(num_batches * per_process_batch).map(load)
+  iterator = padded.to_iter_dataset()
+  if config.num_workers:
+    iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(config.num_workers))
+  batch = []
+  for element in iterator:
+    batch.append(element)
+    if len(batch) == per_process_batch:
+      yield _stack_with_padding(batch, config)
+      batch = []
+
+
+def _stack_with_padding(batch: list, config) -> dict:
+  real = [e for e in batch if e is not None]
+  if real:
+    shape = real[0]["image"].shape
+  else:  # a process whose share ran out: all padding
+    shape = (config.input_size, config.input_size, config.in_channels)
+  pad = {"image": np.zeros(shape, np.float32), "label": np.int32(0), "mask": np.float32(0)}
+  batch = [e if e is not None else pad for e in batch]
+  return {k: np.stack([e[k] for e in batch]) for k in ("image", "label", "mask")}

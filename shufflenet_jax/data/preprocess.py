@@ -1,0 +1,105 @@
+"""Per-example preprocessing in numpy/PIL: deterministic given the rng grain derives from
+(seed, example index), so a resumed run reproduces the same augmentations."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255
+IMAGENET_STD_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
+FASHION_MNIST_MEAN = np.array([0.2860], np.float32) * 255
+FASHION_MNIST_STD = np.array([0.3530], np.float32) * 255
+INPUT_FORMATS = ("rgb_normalized", "bgr_255")
+
+
+class BadImageError(ValueError):
+  """An image that cannot be decoded."""
+
+
+def decode(image) -> np.ndarray:
+  """uint8 HWC array from an array (passed through) or encoded JPEG/PNG bytes (to RGB)."""
+  if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+    return image
+  try:
+    with Image.open(io.BytesIO(bytes(image))) as img:
+      return np.asarray(img.convert("RGB"))
+  except Exception as e:  # PIL raises many types for corrupt data
+    raise BadImageError(f"cannot decode image ({len(bytes(image))} bytes): {e}") from e
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  if image.shape[:2] == (height, width):
+    return image
+  squeeze = image.shape[-1] == 1
+  img = Image.fromarray(image[..., 0] if squeeze else image)
+  out = np.asarray(img.resize((width, height), Image.BILINEAR))
+  return out[..., None] if squeeze else out
+
+
+def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
+  """Small-image augmentation: zero-pad, random crop back to size, random horizontal flip."""
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  top, left = rng.integers(0, 2 * pad + 1, size=2)
+  out = padded[top:top + h, left:left + w]
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        area: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Inception-style crop (torchvision's RandomResizedCrop, 10 tries then center crop) + flip."""
+  h, w = image.shape[:2]
+  log_ratio = np.log(ratio)
+  for _ in range(10):
+    target_area = h * w * rng.uniform(*area)
+    aspect = np.exp(rng.uniform(*log_ratio))
+    cw = int(round(np.sqrt(target_area * aspect)))
+    ch = int(round(np.sqrt(target_area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      top = int(rng.integers(0, h - ch + 1))
+      left = int(rng.integers(0, w - cw + 1))
+      break
+  else:
+    ch = cw = min(h, w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+  out = _resize(image[top:top + ch, left:left + cw], size, size)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+  """Brightness, contrast and saturation jitter by factors in [1-s, 1+s], in random order."""
+  x = image.astype(np.float32)
+  gray = lambda x: x @ np.array([0.299, 0.587, 0.114], np.float32) if x.shape[-1] == 3 else x[..., 0]
+  for op in rng.permutation(3):
+    factor = rng.uniform(max(0.0, 1 - strength), 1 + strength)
+    if op == 0:
+      x = x * factor
+    elif op == 1:
+      x = (x - gray(x).mean()) * factor + gray(x).mean()
+    else:
+      x = (x - gray(x)[..., None]) * factor + gray(x)[..., None]
+  return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+  """Eval: resize the shorter side to `resize`, then take the central `size` x `size` crop."""
+  h, w = image.shape[:2]
+  scale = resize / min(h, w)
+  nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+  image = _resize(image, nh, nw)
+  top, left = (nh - size) // 2, (nw - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def normalize(image: np.ndarray, input_format: str, mean: np.ndarray,
+              std: np.ndarray) -> np.ndarray:
+  """float32 model input: (x - mean) / std in RGB, or raw BGR 0-255 (official Megvii models)."""
+  if input_format == "bgr_255":
+    return image[..., ::-1].astype(np.float32)
+  if input_format != "rgb_normalized":
+    raise ValueError(f"input_format={input_format!r} is not one of {INPUT_FORMATS}")
+  return (image.astype(np.float32) - mean) / std

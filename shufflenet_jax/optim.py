@@ -1,0 +1,47 @@
+"""The optax chain from a config: L2 weight decay on kernels, SGD momentum, lr schedule."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def scaled_lr(config: ml_collections.ConfigDict) -> float:
+  """Linear scaling rule: lr is given for `lr_reference_batch` (the paper: 0.5 at 1024)."""
+  return config.lr * config.batch_size / config.lr_reference_batch
+
+
+def lr_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  peak = scaled_lr(config)
+  warmup = min(config.warmup_steps, total_steps)
+  decay_steps = max(1, total_steps - warmup)
+  if config.lr_schedule == "linear":  # the paper: linear to zero
+    decay = optax.linear_schedule(peak, 0.0, decay_steps)
+  elif config.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps)
+  elif config.lr_schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"lr_schedule={config.lr_schedule!r} is not one of {SCHEDULES}")
+  if not warmup:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on conv/FC kernels only (ndim > 1), not on BN scales or biases (official)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """PyTorch-equivalent SGD: grad + wd * param, then momentum (optionally Nesterov)."""
+  schedule = lr_schedule(config, total_steps)
+  tx = optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+  )
+  return tx, schedule

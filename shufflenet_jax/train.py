@@ -1,0 +1,311 @@
+"""train_and_evaluate(config, workdir): the one entry point for training, resuming and evaluating.
+
+Functional core: the model is split once into (graphdef, params, batch_stats); a pure jitted
+`train_step(state, batch) -> (state, metrics)` with the state donated runs over one device mesh
+(parallel.py). BN mode `global` is plain SPMD (statistics over the global batch); `per_device`
+runs the forward/backward under `jax.shard_map` so each device normalises with its own batch
+statistics, as the paper's per-GPU BN, then averages gradients and running statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from shufflenet_jax import checkpointing, metrics, optim, parallel
+from shufflenet_jax.data import pipeline
+from shufflenet_jax.models import get_model
+
+BN_MODES = ("global", "per_device")
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+RESUME_MODES = ("auto", "force", "never")
+# Keys that may differ between a workdir's config.json and a resumed run's config.
+RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                     "keep_checkpoints", "num_workers", "data_dir", "tfds_data_dir", "resume",
+                     "conv_impl", "total_steps", "num_epochs", "eval_batch_size")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  for key, valid in (("bn_mode", BN_MODES), ("compute_dtype", tuple(COMPUTE_DTYPES)),
+                     ("resume", RESUME_MODES), ("dataset", pipeline.DATASETS),
+                     ("lr_schedule", optim.SCHEDULES)):
+    if config[key] not in valid:
+      raise ValueError(f"{key}={config[key]!r} is not one of {valid}")
+
+
+def build_model(config: ml_collections.ConfigDict, **overrides) -> nnx.Module:
+  kwargs = dict(num_classes=config.num_classes, in_channels=config.in_channels,
+                conv_impl=config.conv_impl, dtype=COMPUTE_DTYPES[config.compute_dtype],
+                seed=config.seed, **config.model_kwargs)
+  kwargs.update(overrides)
+  return get_model(config.model, **kwargs)
+
+
+def create_train_state(config, mesh, tx):
+  """(graphdef, replicated state dict) with freshly initialised parameters."""
+  model = build_model(config)
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+           "opt_state": tx.init(params)}
+  return graphdef, parallel.replicate(state, mesh)
+
+
+def abstract_like(state, mesh):
+  """Shapes, dtypes and replicated shardings of `state`: the target of a restore."""
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def _loss_fn(graphdef, config):
+  def loss_fn(params, batch_stats, images, labels):
+    # copy=True: fresh Variables at this trace level, so BN can update its statistics.
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits = model(images, train=True)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, config.num_classes),
+                                  config.label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, (logits, nnx.state(model, nnx.BatchStat))
+  return loss_fn
+
+
+def make_train_step(graphdef, tx, config, mesh):
+  grad_fn = jax.value_and_grad(_loss_fn(graphdef, config), has_aux=True)
+
+  def per_device_grads(params, batch_stats, images, labels):
+    (loss, (logits, stats)), grads = grad_fn(params, batch_stats, images, labels)
+    mean = lambda tree: jax.lax.pmean(tree, parallel.DATA_AXIS)
+    return mean(loss), logits, mean(stats), mean(grads)
+
+  def train_step(state, batch):
+    images, labels = batch["image"], batch["label"]
+    if config.bn_mode == "global":
+      (loss, (logits, stats)), grads = grad_fn(state["params"], state["batch_stats"], images,
+                                               labels)
+    else:
+      data = P(parallel.DATA_AXIS)
+      loss, logits, stats, grads = jax.shard_map(
+          per_device_grads, mesh=mesh, in_specs=(P(), P(), data, data),
+          out_specs=(P(), data, P(), P()))(state["params"], state["batch_stats"], images, labels)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats,
+                 "opt_state": opt_state}
+    grad_norm = optax.global_norm(grads)
+    step_metrics = {"loss": loss, "top1": metrics.topk_correct(logits, labels, 1).mean(),
+                    "grad_norm": grad_norm,
+                    "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    return new_state, step_metrics
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
+
+
+def make_eval_step(graphdef, config, mesh):
+  k = min(5, config.num_classes)
+
+  def eval_step(state, batch):
+    model = nnx.merge(graphdef, state["params"], state["batch_stats"])
+    logits = model(batch["image"], train=False)
+    labels, mask = batch["label"], batch["mask"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss": jnp.sum(loss * mask),
+            "top1": jnp.sum(metrics.topk_correct(logits, labels, 1) * mask),
+            "top5": jnp.sum(metrics.topk_correct(logits, labels, k) * mask),
+            "num_examples": jnp.sum(mask)}
+
+  return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
+
+
+def evaluate(eval_step, state, config, dataset, mesh) -> dict[str, float]:
+  """Exact metrics over the whole eval split: padded examples are masked out, none dropped."""
+  per_process = parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  totals = None
+  for local in pipeline.eval_batches(config, dataset, per_process):
+    sums = eval_step(state, parallel.global_batch(local, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  n = totals["num_examples"]
+  return {"eval/loss": totals["loss"] / n, "eval/top1": totals["top1"] / n,
+          "eval/top5": totals["top5"] / n, "eval/num_examples": n}
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+  keys = sorted((set(saved) | set(current)) - set(RESUMABLE_CHANGES))
+  return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+          if saved.get(k) != current.get(k)]
+
+
+def _prepare_workdir(config, workdir: Path, checkpointer) -> None:
+  """Writes config.json; refuses to resume a workdir that holds a different run."""
+  current = json.loads(config.to_json_best_effort())
+  path = workdir / "config.json"
+  has_checkpoints = checkpointer.latest_step() is not None
+  if has_checkpoints and config.resume == "never":
+    raise FileExistsError(f"{workdir} already holds checkpoints {checkpointer.all_steps()} and "
+                          "resume='never'; use a new --workdir (nothing was overwritten)")
+  if has_checkpoints and path.exists() and config.resume != "force":
+    differences = _config_differences(json.loads(path.read_text()), current)
+    if differences:
+      raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(differences)})"
+                       "; use a new --workdir, or --config.resume=force to resume anyway")
+  if parallel.is_chief():
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM (how TPU VMs and schedulers announce preemption); checked every step."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, no preemption saves
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds this run), evaluates, returns final metrics."""
+  _check_config(config)
+  workdir = Path(workdir)
+  mesh = parallel.make_mesh()
+  per_process_batch = parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  checkpointer = checkpointing.Checkpointer(str(workdir), keep=config.keep_checkpoints,
+                                            every_steps=config.checkpoint_every_steps)
+  _prepare_workdir(config, workdir, checkpointer)
+  chief = parallel.is_chief()
+  writer = metrics.MetricWriter(str(workdir), enabled=chief)
+
+  dataset = pipeline.load_dataset(config)
+  steps_per_epoch = len(dataset.train) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size={config.batch_size} is larger than the training split "
+                     f"({len(dataset.train)} examples)")
+  total_steps = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
+  eval_every = config.eval_every_steps or steps_per_epoch
+  tx, schedule = optim.make_optimizer(config, total_steps)
+  graphdef, state = create_train_state(config, mesh, tx)
+  iterator = iter(pipeline.train_loader(config, dataset, per_process_batch, config.seed))
+
+  first_step = 0
+  if config.resume != "never":
+    restored = checkpointer.restore(abstract_like(state, mesh), iterator)
+    if restored is not None:
+      first_step, state = restored
+      logging.info("Resumed from step %d in %s", first_step, workdir)
+      if chief:
+        print(f"Resuming from checkpoint at step {first_step}", flush=True)
+  train_step = make_train_step(graphdef, tx, config, mesh)
+  eval_step = make_eval_step(graphdef, config, mesh)
+  if chief:
+    print(f"Training {config.model} for {total_steps} steps ({steps_per_epoch} per epoch), "
+          f"global batch {config.batch_size} on {mesh.devices.size} device(s) in "
+          f"{jax.process_count()} process(es); workdir {workdir}", flush=True)
+
+  progress = metrics.Progress(total_steps, first_step, enabled=chief)
+  eval_results: dict[str, float] = {}
+  window, window_start, previous = [], time.monotonic(), None
+  with _PreemptionFlag() as preemption:
+    for step in range(first_step + 1, total_steps + 1):
+      batch = parallel.global_batch(next(iterator), mesh)
+      state, step_metrics = train_step(state, batch)
+      window.append(step_metrics)
+      if previous is not None:  # one step behind, so the host never stalls the device queue
+        _check_finite(previous, step - 1, checkpointer)
+      previous = step_metrics
+      if step % config.log_every_steps == 0 or step == total_steps:
+        _check_finite(step_metrics, step, checkpointer)
+        elapsed = time.monotonic() - window_start
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
+                   for k in ("loss", "top1", "grad_norm")}
+        scalars = {f"train/{k}": v for k, v in summary.items()}
+        scalars["lr"] = float(schedule(step - 1))
+        scalars["img_per_sec"] = len(window) * config.batch_size / max(elapsed, 1e-9)
+        writer.write(step, scalars)
+        progress.update(step, f"loss {summary['loss']:.4f} top1 {summary['top1']:.3f} "
+                        f"{scalars['img_per_sec']:.0f} img/s")
+        window, window_start = [], time.monotonic()
+      if step % eval_every == 0 or step == total_steps:
+        eval_start = time.monotonic()
+        eval_results = evaluate(eval_step, state, config, dataset, mesh)
+        writer.write(step, eval_results)
+        progress.update(step, f"eval top1 {eval_results['eval/top1']:.4f} "
+                        f"top5 {eval_results['eval/top5']:.4f}")
+        window_start += time.monotonic() - eval_start  # keep img/s about training alone
+      if preemption.raised or step == total_steps or step % config.checkpoint_every_steps == 0:
+        _check_finite(step_metrics, step, checkpointer)
+        checkpointer.save(step, state, iterator, force=preemption.raised or step == total_steps)
+      if preemption.raised:
+        checkpointer.close()
+        progress.close()
+        if chief:
+          print(f"SIGTERM: saved a checkpoint at step {step} in {workdir}; rerun the same "
+                "command to resume", flush=True)
+        writer.close()
+        return {"preempted_at_step": step, **eval_results}
+  checkpointer.close()
+  progress.close()
+  writer.close()
+  if chief and eval_results:
+    print(f"Done: step {total_steps}, eval top-1 {eval_results['eval/top1']:.4f}, top-5 "
+          f"{eval_results['eval/top5']:.4f} on {int(eval_results['eval/num_examples'])} "
+          "examples", flush=True)
+  return eval_results
+
+
+def _check_finite(step_metrics, step: int, checkpointer) -> None:
+  if not bool(step_metrics["finite"]):
+    checkpointer.wait()
+    raise NonFiniteLossError(
+        f"loss became non-finite (loss={float(step_metrics['loss'])}, grad_norm="
+        f"{float(step_metrics['grad_norm'])}) at step {step}; stopped. The last good checkpoint "
+        f"is step {checkpointer.latest_step()} (lower the learning rate, check the data)")
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates the latest checkpoint in `workdir` on the whole eval split and prints it."""
+  _check_config(config)
+  mesh = parallel.make_mesh()
+  checkpointer = checkpointing.Checkpointer(str(workdir))
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}; train first "
+                            f"(python launch.py train --workdir={workdir} ...)")
+  dataset = pipeline.load_dataset(config)
+  tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
+  graphdef, state = create_train_state(config, mesh, tx)
+  step, state = checkpointer.restore(abstract_like(state, mesh))
+  results = evaluate(make_eval_step(graphdef, config, mesh), state, config, dataset, mesh)
+  checkpointer.close()
+  if parallel.is_chief():
+    print(f"step {step}: top-1 {results['eval/top1']:.4f} top-5 {results['eval/top5']:.4f} "
+          f"loss {results['eval/loss']:.4f} on {int(results['eval/num_examples'])} examples",
+          flush=True)
+  return {"step": step, **results}
