@@ -36,9 +36,12 @@ def initialize_distributed(coordinator_address: str | None = None,
                              num_processes=num_processes, process_id=process_id)
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """The one mesh of this project: every device of every process on the `data` axis."""
-  devices = jax.devices()
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """The one mesh of this project: every device of every process on the `data` axis.
+
+  `devices` (a subset) exists for tests and tools that compare device counts in one process.
+  """
+  devices = list(devices) if devices is not None else jax.devices()
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                        devices=devices)
 

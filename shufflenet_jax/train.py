@@ -106,7 +106,7 @@ def make_train_step(graphdef, tx, config, mesh):
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats,
                  "opt_state": opt_state}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     step_metrics = {"loss": loss, "top1": metrics.topk_correct(logits, labels, 1).mean(),
                     "grad_norm": grad_norm,
                     "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
@@ -198,13 +198,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   per_process_batch = parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  dataset = pipeline.load_dataset(config)  # fails on missing data before the workdir is touched
   checkpointer = checkpointing.Checkpointer(str(workdir), keep=config.keep_checkpoints,
                                             every_steps=config.checkpoint_every_steps)
   _prepare_workdir(config, workdir, checkpointer)
   chief = parallel.is_chief()
   writer = metrics.MetricWriter(str(workdir), enabled=chief)
+  try:
+    return _train(config, workdir, mesh, dataset, per_process_batch, checkpointer, writer)
+  finally:  # pending async saves complete and files close on success, error or preemption
+    checkpointer.close()
+    writer.close()
 
-  dataset = pipeline.load_dataset(config)
+
+def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpointer,
+           writer) -> dict:
+  chief = parallel.is_chief()
   steps_per_epoch = len(dataset.train) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size={config.batch_size} is larger than the training split "
@@ -264,20 +273,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check_finite(step_metrics, step, checkpointer)
         checkpointer.save(step, state, iterator, force=preemption.raised or step == total_steps)
       if preemption.raised:
-        checkpointer.close()
+        checkpointer.wait()
         progress.close()
         if chief:
           print(f"SIGTERM: saved a checkpoint at step {step} in {workdir}; rerun the same "
                 "command to resume", flush=True)
-        writer.close()
         return {"preempted_at_step": step, **eval_results}
-  checkpointer.close()
   progress.close()
-  writer.close()
+  if first_step >= total_steps:  # already finished: report instead of silently doing nothing
+    eval_results = evaluate(eval_step, state, config, dataset, mesh)
+    if chief:
+      print(f"{workdir} already holds the finished run (step {first_step}).", flush=True)
   if chief and eval_results:
-    print(f"Done: step {total_steps}, eval top-1 {eval_results['eval/top1']:.4f}, top-5 "
-          f"{eval_results['eval/top5']:.4f} on {int(eval_results['eval/num_examples'])} "
-          "examples", flush=True)
+    print(f"Done: step {max(first_step, total_steps)}, eval top-1 "
+          f"{eval_results['eval/top1']:.4f}, top-5 {eval_results['eval/top5']:.4f} on "
+          f"{int(eval_results['eval/num_examples'])} examples", flush=True)
   return eval_results
 
 

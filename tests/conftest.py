@@ -12,3 +12,29 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir",
                   os.path.expanduser("~/.cache/shufflenet_jax/jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+from tests import fake_data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+  return fake_data.write_fashion_mnist(tmp_path_factory.mktemp("fashion_idx"))
+
+
+@pytest.fixture
+def tiny_config(fashion_dir, tmp_path):
+  """The default config, smoke-sized, on a generated Fashion-MNIST (96 train, 37 test)."""
+  from configs import common  # noqa: PLC0415
+  config = common.load_config("configs/default.py:smoke,scale=0.25")
+  config.data_dir = str(fashion_dir)
+  config.tfds_data_dir = str(tmp_path / "tfds")
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.total_steps = 6
+  config.checkpoint_every_steps = 3
+  config.eval_every_steps = 6
+  config.log_every_steps = 3
+  config.warmup_steps = 0
+  return config

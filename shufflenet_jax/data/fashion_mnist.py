@@ -31,7 +31,8 @@ def find_idx_file(data_dir: str | os.PathLike, name: str) -> Path:
 def check_files(data_dir: str | os.PathLike) -> None:
   """Fails early, naming the missing file and how to get the data."""
   if not Path(data_dir).is_dir():
-    raise FileNotFoundError(f"Fashion-MNIST data_dir {str(data_dir)!r} does not exist. {HOW_TO_GET}")
+    raise FileNotFoundError(
+        f"Fashion-MNIST data_dir {str(data_dir)!r} does not exist. {HOW_TO_GET}")
   for names in FILES.values():
     for name in names:
       find_idx_file(data_dir, name)
@@ -45,6 +46,8 @@ def read_idx(path: Path) -> np.ndarray:
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
     raise ValueError(f"{path} is not a uint8 IDX file (header {data[:4]!r})")
   ndim = data[3]
+  if len(data) < 4 + 4 * ndim:
+    raise ValueError(f"{path} is truncated: its header names {ndim} dimensions")
   dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
   body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if body.size != int(np.prod(dims)):

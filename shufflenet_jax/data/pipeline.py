@@ -139,33 +139,21 @@ def eval_batches(config, dataset: Dataset, per_process_batch: int) -> Iterator[d
   start, stop = min(n, index * share), min(n, (index + 1) * share)
   num_batches = math.ceil(share / per_process_batch)
 
-  def load(position: int):
-    i = start + position
-    if i < stop:
-      record = dataset.eval[i]
-      image = eval_image(config, record["image"])
-      image = preprocess.normalize(image, config.input_format, dataset.mean, dataset.std)
-      return {"image": image, "label": np.int32(record["label"]), "mask": np.float32(1)}
-    return None
+  pad = {"image": np.zeros((config.input_size, config.input_size, config.in_channels),
+                           np.float32), "label": np.int32(0), "mask": np.float32(0)}
 
-  padded = grain.MapDataset.range(num_batches * per_process_batch).map(load)
-  iterator = padded.to_iter_dataset()
+  def load(position: int):  # never None: grain would drop it
+    i = start + position
+    if i >= stop:
+      return pad
+    record = dataset.eval[i]
+    image = preprocess.normalize(eval_image(config, record["image"]), config.input_format,
+                                 dataset.mean, dataset.std)
+    return {"image": image, "label": np.int32(record["label"]), "mask": np.float32(1)}
+
+  batches = grain.MapDataset.range(num_batches * per_process_batch).map(load).batch(
+      per_process_batch)
+  iterator = batches.to_iter_dataset()
   if config.num_workers:
     iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(config.num_workers))
-  batch = []
-  for element in iterator:
-    batch.append(element)
-    if len(batch) == per_process_batch:
-      yield _stack_with_padding(batch, config)
-      batch = []
-
-
-def _stack_with_padding(batch: list, config) -> dict:
-  real = [e for e in batch if e is not None]
-  if real:
-    shape = real[0]["image"].shape
-  else:  # a process whose share ran out: all padding
-    shape = (config.input_size, config.input_size, config.in_channels)
-  pad = {"image": np.zeros(shape, np.float32), "label": np.int32(0), "mask": np.float32(0)}
-  batch = [e if e is not None else pad for e in batch]
-  return {k: np.stack([e[k] for e in batch]) for k in ("image", "label", "mask")}
+  yield from iterator

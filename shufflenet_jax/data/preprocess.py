@@ -73,7 +73,8 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
 def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
   """Brightness, contrast and saturation jitter by factors in [1-s, 1+s], in random order."""
   x = image.astype(np.float32)
-  gray = lambda x: x @ np.array([0.299, 0.587, 0.114], np.float32) if x.shape[-1] == 3 else x[..., 0]
+  luma = np.array([0.299, 0.587, 0.114], np.float32)
+  gray = lambda x: x @ luma if x.shape[-1] == 3 else x[..., 0]
   for op in rng.permutation(3):
     factor = rng.uniform(max(0.0, 1 - strength), 1 + strength)
     if op == 0:

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+
+from configs import common
+from shufflenet_jax import train
+from shufflenet_jax.data import fashion_mnist, pipeline, preprocess
+from tests import fake_data
+
+
+def _imagenet_style_config(tmp_path, dataset, data_dir):
+  config = common.load_config("configs/shufflenet_v1.py:groups=2,scale=0.25,smoke")
+  config.dataset = dataset
+  config.data_dir = str(data_dir)
+  config.tfds_data_dir = str(tmp_path / "tfds")
+  config.input_size = 32
+  config.eval_resize = 36
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  return config
+
+
+def test_idx_reader_roundtrip_and_errors(tmp_path, fashion_dir):
+  images, labels = fashion_mnist.read_split(fashion_dir, "test")
+  assert images.shape == (37, 28, 28, 1) and images.dtype == np.uint8
+  assert labels.shape == (37,) and labels.max() < 10
+  (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")
+  with pytest.raises(ValueError, match="truncated"):
+    fashion_mnist.read_idx(tmp_path / "train-images-idx3-ubyte")
+  with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte"):
+    fashion_mnist.check_files(tmp_path)
+
+
+def test_fashion_mnist_source_and_train_batches_are_deterministic(tiny_config):
+  dataset = pipeline.load_dataset(tiny_config)
+  assert len(dataset.train) == 96 and len(dataset.eval) == 37
+  assert dataset.class_names[9] == "Ankle boot"
+  first = [next(iter(pipeline.train_loader(tiny_config, dataset, 8, seed=1))) for _ in range(2)]
+  np.testing.assert_array_equal(first[0]["image"], first[1]["image"])
+  assert first[0]["image"].shape == (8, 28, 28, 1) and first[0]["image"].dtype == np.float32
+  other = next(iter(pipeline.train_loader(tiny_config, dataset, 8, seed=2)))
+  assert not np.array_equal(first[0]["image"], other["image"])
+
+
+def test_iterator_state_resumes_the_same_batches(tiny_config):
+  dataset = pipeline.load_dataset(tiny_config)
+  iterator = iter(pipeline.train_loader(tiny_config, dataset, 8, seed=0))
+  for _ in range(3):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator)["label"] for _ in range(20)]  # crosses epoch boundaries
+  resumed = iter(pipeline.train_loader(tiny_config, dataset, 8, seed=0))
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["label"], want)
+
+
+def test_preprocessing_shapes_and_determinism():
+  rng_image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)
+  a = preprocess.random_resized_crop(rng_image, np.random.default_rng(5), 32, (0.08, 1.0))
+  b = preprocess.random_resized_crop(rng_image, np.random.default_rng(5), 32, (0.08, 1.0))
+  assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+  crop = preprocess.resize_center_crop(rng_image, 36, 32)
+  assert crop.shape == (32, 32, 3)
+  small = preprocess.pad_crop_flip(rng_image[:28, :28, :1], np.random.default_rng(0))
+  assert small.shape == (28, 28, 1)
+  jittered = preprocess.color_jitter(rng_image, np.random.default_rng(0), 0.4)
+  assert jittered.shape == rng_image.shape and jittered.dtype == np.uint8
+  bgr = preprocess.normalize(rng_image, "bgr_255", None, None)
+  np.testing.assert_array_equal(bgr[..., 0], rng_image[..., 2])
+  with pytest.raises(preprocess.BadImageError, match="cannot decode image"):
+    preprocess.decode(b"garbage")
+
+
+def test_imagenet_tars_prepare_without_tensorflow(tmp_path):
+  data_dir = fake_data.write_imagenet_tars(tmp_path / "download")
+  config = _imagenet_style_config(tmp_path, "imagenet2012", data_dir)
+  dataset = pipeline.load_dataset(config)
+  assert len(dataset.train) == 6 and len(dataset.eval) == 5
+  assert len(dataset.class_names) == 1000 and dataset.class_names[0] == "n01440764"
+  train_labels = sorted(int(dataset.train[i]["label"]) for i in range(6))
+  assert train_labels == [0, 0, 0, 1, 1, 1]  # n01440764, n01443537 are classes 0 and 1
+  # Validation labels follow tfds's list for the sorted file names (first one: n01751748 = 65).
+  labels = {dataset.eval[i]["file_name"]: int(dataset.eval[i]["label"]) for i in range(5)}
+  assert labels[b"ILSVRC2012_val_00000001.JPEG"] == 65
+  batch = next(iter(pipeline.train_loader(config, dataset, 4, seed=0)))
+  assert batch["image"].shape == (4, 32, 32, 3)
+
+
+def test_imagenet_missing_tars_is_a_clear_error(tmp_path):
+  config = _imagenet_style_config(tmp_path, "imagenet2012", tmp_path / "empty")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar"):
+    pipeline.load_dataset(config)
+
+
+def test_image_folder_trains_and_evaluates_exactly(tmp_path):
+  root = fake_data.write_image_folder(tmp_path / "images")
+  config = _imagenet_style_config(tmp_path, "image_folder", root)
+  config.num_classes = 3
+  config.total_steps = 2
+  config.eval_every_steps = 2
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["eval/num_examples"] == 9  # 3 classes x 3 val images, none dropped
+
+
+def test_image_folder_bad_images_fail_or_are_skipped(tmp_path):
+  root = fake_data.write_image_folder(tmp_path / "images", corrupt=2)
+  config = _imagenet_style_config(tmp_path, "image_folder", root)
+  config.num_classes = 3
+  with pytest.raises(Exception, match="unreadable image .*broken0.jpg.*on_bad_image=skip"):
+    pipeline.load_dataset(config)
+  config.on_bad_image = "skip"
+  config.tfds_data_dir = str(tmp_path / "tfds_skip")
+  dataset = pipeline.load_dataset(config)
+  assert len(dataset.train) == 15  # the two broken files left out
+
+
+def test_num_classes_mismatch_names_the_right_value(tmp_path):
+  root = fake_data.write_image_folder(tmp_path / "images")
+  config = _imagenet_style_config(tmp_path, "image_folder", root)
+  with pytest.raises(ValueError, match="set --config.num_classes=3"):
+    pipeline.load_dataset(config)
