@@ -21,6 +21,10 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/defau
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.json.")
 flags.DEFINE_bool("json", False, "summary: also print one JSON object on the last line.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host without auto-detection: host:port of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes in the job.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id in [0, num_processes).")
 
 
 def _summary(config) -> None:

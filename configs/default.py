@@ -1,6 +1,9 @@
 """The embedded default: a small ShuffleNet v1 on Fashion-MNIST that trains on a laptop CPU.
 
-Args: groups=3, scale=1.0 (any v1 value), epochs=<float>, smoke=false.
+ShuffleNet v1 g=3 at 0.25x, shallow (half the units), small-image stem: 4 epochs reach about 90%
+test top-1 in about 6.5 minutes on a 2-core CPU (README has the measured figure).
+
+Args: groups=3, scale=0.25 (any v1 value), epochs=4, batch_size=128, data_dir=..., smoke=false.
 
   python launch.py train --config=configs/default.py --workdir=workdirs/default
 (`make train` runs exactly this.) Data: the four IDX files of Fashion-MNIST in `data_dir`
@@ -12,7 +15,7 @@ from shufflenet_jax.models import shufflenet_v1
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, groups=3, scale=0.5, epochs=4.0, batch_size=128,
+  args = common.parse_arg(arg, groups=3, scale=0.25, epochs=4.0, batch_size=128,
                           data_dir="/usr/share/datasets/fashion-mnist", smoke=False)
   shufflenet_v1.v1_channels(args.groups, args.scale)
   c = common.base_config()
@@ -36,6 +39,7 @@ def get_config(arg: str | None = None):
   c.label_smoothing = 0.0
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
+  c.num_workers = 1  # one decoding process beside the training step: measured 753 vs 688 img/s
   if args.smoke:
     common.smoke(c)
   return c

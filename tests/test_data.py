@@ -61,8 +61,11 @@ def test_preprocessing_shapes_and_determinism():
   assert a.shape == (32, 32, 3) and np.array_equal(a, b)
   crop = preprocess.resize_center_crop(rng_image, 36, 32)
   assert crop.shape == (32, 32, 3)
-  small = preprocess.pad_crop_flip(rng_image[:28, :28, :1], np.random.default_rng(0))
-  assert small.shape == (28, 28, 1)
+  batch = np.stack([rng_image[:28, :28, :1]] * 4)
+  small = preprocess.pad_crop_flip(batch, np.random.default_rng(0))
+  assert small.shape == (4, 28, 28, 1)
+  np.testing.assert_array_equal(small, preprocess.pad_crop_flip(batch, np.random.default_rng(0)))
+  assert not np.array_equal(small[0], small[1]) or not np.array_equal(small[1], small[2])
   jittered = preprocess.color_jitter(rng_image, np.random.default_rng(0), 0.4)
   assert jittered.shape == rng_image.shape and jittered.dtype == np.uint8
   bgr = preprocess.normalize(rng_image, "bgr_255", None, None)

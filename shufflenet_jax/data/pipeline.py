@@ -81,18 +81,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   return Dataset(*sources, class_names=names, mean=mean, std=std)
 
 
-def _train_image(config, image, rng: np.random.Generator) -> np.ndarray:
-  image = preprocess.decode(image)
-  if config.augment == "small":
-    image = preprocess.pad_crop_flip(image, rng)
-  elif config.augment == "imagenet":
-    image = preprocess.random_resized_crop(image, rng, config.input_size,
-                                           tuple(config.crop_area))
-    if config.color_jitter:
-      image = preprocess.color_jitter(image, rng, config.color_jitter)
-  else:
-    raise ValueError(f"augment={config.augment!r} is not one of ('small', 'imagenet')")
-  return image
+AUGMENTS = ("small", "imagenet")
 
 
 def eval_image(config, image) -> np.ndarray:
@@ -103,14 +92,32 @@ def eval_image(config, image) -> np.ndarray:
   return image
 
 
-class _TrainTransform(grain.transforms.RandomMap):
+class _ImagenetAugment(grain.transforms.RandomMap):
+  """Per example (images differ in size): decode, random resized crop, flip, colour jitter."""
+
   def __init__(self, config, mean, std):
     self.config, self.mean, self.std = config, mean, std
 
   def random_map(self, record, rng: np.random.Generator):
-    image = _train_image(self.config, record["image"], rng)
-    return {"image": preprocess.normalize(image, self.config.input_format, self.mean, self.std),
+    c = self.config
+    image = preprocess.random_resized_crop(preprocess.decode(record["image"]), rng,
+                                           c.input_size, tuple(c.crop_area))
+    if c.color_jitter:
+      image = preprocess.color_jitter(image, rng, c.color_jitter)
+    return {"image": preprocess.normalize(image, c.input_format, self.mean, self.std),
             "label": np.int32(record["label"])}
+
+
+class _SmallImageAugment(grain.transforms.RandomMap):
+  """Per batch (one rng per batch: per-example generators cost more than the augmentation)."""
+
+  def __init__(self, config, mean, std):
+    self.config, self.mean, self.std = config, mean, std
+
+  def random_map(self, batch, rng: np.random.Generator):
+    images = preprocess.pad_crop_flip(batch["image"], rng)
+    return {"image": preprocess.normalize(images, self.config.input_format, self.mean, self.std),
+            "label": batch["label"].astype(np.int32)}
 
 
 def train_loader(config, dataset: Dataset, per_process_batch: int,
@@ -122,11 +129,15 @@ def train_loader(config, dataset: Dataset, per_process_batch: int,
           shard_index=jax.process_index(), shard_count=jax.process_count(),
           drop_remainder=True),
       shuffle=True, num_epochs=None, seed=seed)
-  return grain.DataLoader(
-      data_source=dataset.train, sampler=sampler,
-      operations=[_TrainTransform(config, dataset.mean, dataset.std),
-                  grain.transforms.Batch(per_process_batch, drop_remainder=True)],
-      worker_count=config.num_workers)
+  batch = grain.transforms.Batch(per_process_batch, drop_remainder=True)
+  if config.augment == "small":
+    operations = [batch, _SmallImageAugment(config, dataset.mean, dataset.std)]
+  elif config.augment == "imagenet":
+    operations = [_ImagenetAugment(config, dataset.mean, dataset.std), batch]
+  else:
+    raise ValueError(f"augment={config.augment!r} is not one of {AUGMENTS}")
+  return grain.DataLoader(data_source=dataset.train, sampler=sampler, operations=operations,
+                          worker_count=config.num_workers)
 
 
 def eval_batches(config, dataset: Dataset, per_process_batch: int) -> Iterator[dict]:

@@ -39,13 +39,18 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return out[..., None] if squeeze else out
 
 
-def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
-  """Small-image augmentation: zero-pad, random crop back to size, random horizontal flip."""
-  h, w = image.shape[:2]
-  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-  top, left = rng.integers(0, 2 * pad + 1, size=2)
-  out = padded[top:top + h, left:left + w]
-  return out[:, ::-1] if rng.random() < 0.5 else out
+def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
+                        pad: int = 2) -> np.ndarray:
+  """Small-image augmentation of an (N, H, W, C) batch: zero-pad, random crop, random flip."""
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+  flips = rng.random(n) < 0.5
+  out = np.empty_like(images)
+  for i, ((top, left), flip) in enumerate(zip(offsets, flips)):
+    crop = padded[i, top:top + h, left:left + w]
+    out[i] = crop[:, ::-1] if flip else crop
+  return out
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
