@@ -36,6 +36,28 @@ def _summary(config) -> None:
                       "params": result["params"], "input_size": result["input_size"]}))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a bad --config reported as one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    detail = str(e.__context__ or e).strip().splitlines()
+    reason = detail[-1] if detail else str(e)
+    for prefix in ("ValueError: ", "AttributeError: ", "KeyError: ", "TypeError: "):
+      reason = reason.removeprefix(prefix)
+    sys.stderr.write(f"error: bad flag value: {reason}\n"
+                     "(python launch.py --help lists the flags)\n")
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>=...
+    from configs import common
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    valid = sorted(common.load_config(specs[-1]).keys()) if specs else []
+    sys.stderr.write(f"error: unknown config key {str(e).strip(chr(34))} in {overrides}; "
+                     f"valid keys: {valid}\n")
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
   if not FLAGS["verbosity"].present:  # absl defaults to INFO: Orbax would flood the console
     logging.set_verbosity(logging.WARNING)
@@ -56,5 +78,18 @@ def main(argv: list[str]) -> None:
     train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
 
 
+def _main_with_clear_errors(argv: list[str]) -> None:
+  """Expected failures (bad values, missing data, busy workdir, NaN) end in one line, exit 1."""
+  from shufflenet_jax.train import NonFiniteLossError, WorkdirInUseError
+  try:
+    main(argv)
+  except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError,
+          WorkdirInUseError) as e:
+    if FLAGS["verbosity"].present:  # -v: the full traceback for debugging
+      raise
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  app.run(_main_with_clear_errors, flags_parser=_parse_flags)

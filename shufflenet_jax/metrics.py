@@ -29,7 +29,7 @@ class MetricWriter:
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       try:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415  (optional at import time)
+        from tensorboardX import SummaryWriter  # optional: metrics.jsonl is the record
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
       except ImportError:
         self._tb = None

@@ -9,9 +9,12 @@ statistics, as the paper's per-GPU BN, then averages gradients and running stati
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -41,12 +44,46 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
+class WorkdirInUseError(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+  """Holds an exclusive flock on workdir/.lock for the run (the chief process only).
+
+  The kernel drops the lock when the holder dies, even by SIGKILL, so a crash never leaves the
+  workdir locked. Remote (gs://) workdirs are not locked.
+  """
+  if not parallel.is_chief() or "://" in str(workdir):
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / ".lock", "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip() or "unknown"
+      raise WorkdirInUseError(f"{workdir} is in use by a live run (pid {holder}); wait for it, "
+                              "stop it, or use another --workdir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
   for key, valid in (("bn_mode", BN_MODES), ("compute_dtype", tuple(COMPUTE_DTYPES)),
                      ("resume", RESUME_MODES), ("dataset", pipeline.DATASETS),
                      ("lr_schedule", optim.SCHEDULES)):
     if config[key] not in valid:
       raise ValueError(f"{key}={config[key]!r} is not one of {valid}")
+  build_model(config, abstract=True)  # unknown model or bad model arguments: fail before any work
 
 
 def build_model(config: ml_collections.ConfigDict, **overrides) -> nnx.Module:
@@ -199,16 +236,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   per_process_batch = parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   dataset = pipeline.load_dataset(config)  # fails on missing data before the workdir is touched
-  checkpointer = checkpointing.Checkpointer(str(workdir), keep=config.keep_checkpoints,
-                                            every_steps=config.checkpoint_every_steps)
-  _prepare_workdir(config, workdir, checkpointer)
-  chief = parallel.is_chief()
-  writer = metrics.MetricWriter(str(workdir), enabled=chief)
-  try:
-    return _train(config, workdir, mesh, dataset, per_process_batch, checkpointer, writer)
-  finally:  # pending async saves complete and files close on success, error or preemption
-    checkpointer.close()
-    writer.close()
+  with workdir_lock(workdir):
+    checkpointer = checkpointing.Checkpointer(str(workdir), keep=config.keep_checkpoints,
+                                              every_steps=config.checkpoint_every_steps)
+    _prepare_workdir(config, workdir, checkpointer)
+    writer = metrics.MetricWriter(str(workdir), enabled=parallel.is_chief())
+    try:
+      return _train(config, workdir, mesh, dataset, per_process_batch, checkpointer, writer)
+    finally:  # pending async saves complete and files close on success, error or preemption
+      checkpointer.close()
+      writer.close()
 
 
 def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpointer,

@@ -26,7 +26,7 @@ def fashion_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(fashion_dir, tmp_path):
   """The default config, smoke-sized, on a generated Fashion-MNIST (96 train, 37 test)."""
-  from configs import common  # noqa: PLC0415
+  from configs import common
   config = common.load_config("configs/default.py:smoke,scale=0.25")
   config.data_dir = str(fashion_dir)
   config.tfds_data_dir = str(tmp_path / "tfds")

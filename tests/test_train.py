@@ -1,10 +1,12 @@
 import json
 import shutil
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from shufflenet_jax import checkpointing, metrics, optim, parallel, train
 from shufflenet_jax.data import pipeline
@@ -106,7 +108,6 @@ def test_eval_counts_every_example_exactly_once(tiny_config, num_examples):
                            dataset, mesh)
   assert results["eval/num_examples"] == num_examples
   # Reference: all examples in one unpadded forward pass.
-  from flax import nnx  # noqa: PLC0415
   model = nnx.merge(graphdef, state["params"], state["batch_stats"])
   images = np.stack([r["image"] for r in records]).astype(np.float32)
   labels = np.array([r["label"] for r in records])
@@ -177,7 +178,6 @@ def test_checkpoint_saved_on_8_devices_restores_on_4(tiny_config, tmp_path):
 
 
 def _dummy_loader():
-  import grain  # noqa: PLC0415
   source = [{"x": np.int32(i)} for i in range(10)]
   return grain.DataLoader(data_source=source, sampler=grain.samplers.IndexSampler(10, seed=0),
                           operations=[grain.transforms.Batch(2)])

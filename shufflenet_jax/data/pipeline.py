@@ -17,8 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from shufflenet_jax.data import preprocess
+from shufflenet_jax.data.fashion_mnist import FashionMnistIdx, check_files
+from shufflenet_jax.data.image_folder import image_folder_builder
+from shufflenet_jax.data.imagenet import imagenet_builder
 
 DATASETS = ("fashion_mnist", "imagenet2012", "image_folder")
 SPLITS = {  # (train split, eval split)
@@ -43,7 +47,6 @@ def _prepare(builder, manual_dir: str) -> None:
   if jax.process_index() == 0:
     builder.download_and_prepare(download_config=config)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-host only)
     multihost_utils.sync_global_devices("dataset prepared")
     builder.download_and_prepare(download_config=config)  # no-op when already there
 
@@ -56,17 +59,14 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   tfds_dir = str(Path(config.tfds_data_dir).expanduser())
   decoders = None
   if name == "fashion_mnist":
-    from shufflenet_jax.data.fashion_mnist import FashionMnistIdx, check_files  # noqa: PLC0415
     check_files(config.data_dir)
     builder = FashionMnistIdx(data_dir=tfds_dir, file_format="array_record")
     mean, std = preprocess.FASHION_MNIST_MEAN, preprocess.FASHION_MNIST_STD
   elif name == "imagenet2012":
-    from shufflenet_jax.data.imagenet import imagenet_builder  # noqa: PLC0415
     builder = imagenet_builder(tfds_dir, config.data_dir)
     decoders = {"image": tfds.decode.SkipDecoding()}  # JPEG bytes: we decode and crop
     mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
   else:
-    from shufflenet_jax.data.image_folder import image_folder_builder  # noqa: PLC0415
     builder = image_folder_builder(tfds_dir, config.data_dir, config.on_bad_image)
     decoders = {"image": tfds.decode.SkipDecoding()}
     mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB

@@ -64,14 +64,21 @@ def _xla_conv(x, kernel, stride, padding, groups):
       feature_group_count=groups)
 
 
+def _accumulator(dtype):
+  """The matmul path computes in float32 (as XLA's conv accumulates): bf16 running sums lose
+  digits, and XLA:CPU has no bf16 x bf16 -> f32 dot for the backward pass."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _grouped_pointwise(x, kernel, groups):
   """1x1 conv with groups as one batched matmul over (groups, channels per group)."""
   *lead, cin = x.shape
   cout = kernel.shape[-1]
   xg = x.reshape(*lead, groups, cin // groups)
   kg = kernel.reshape(cin // groups, groups, cout // groups).swapaxes(0, 1)
-  y = jnp.einsum("...gi,gio->...go", xg, kg)
-  return y.reshape(*lead, cout)
+  acc = _accumulator(x.dtype)
+  y = jnp.einsum("...gi,gio->...go", xg.astype(acc), kg.astype(acc))
+  return y.reshape(*lead, cout).astype(x.dtype)
 
 
 def _depthwise_shifted(x, kernel, stride, padding):
@@ -84,6 +91,7 @@ def _depthwise_shifted(x, kernel, stride, padding):
   x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   out_h = (h + 2 * padding - kh) // stride + 1
   out_w = (w + 2 * padding - kw) // stride + 1
+  acc = _accumulator(x.dtype)
   y = None
   for i in range(kh):
     for j in range(kw):
@@ -91,9 +99,9 @@ def _depthwise_shifted(x, kernel, stride, padding):
           x, (0, i, j, 0),
           (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, cout),
           (1, stride, stride, 1))
-      term = patch * kernel[i, j, 0]
+      term = patch.astype(acc) * kernel[i, j, 0].astype(acc)
       y = term if y is None else y + term
-  return y
+  return y.astype(x.dtype)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
@@ -110,7 +118,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
       if stride > 1:
         x = x[:, ::stride, ::stride, :]
       if groups == 1:
-        return jnp.einsum("nhwi,io->nhwo", x, kernel[0, 0])
+        acc = _accumulator(x.dtype)
+        y = jnp.einsum("nhwi,io->nhwo", x.astype(acc), kernel[0, 0].astype(acc))
+        return y.astype(x.dtype)
       return _grouped_pointwise(x, kernel, groups)
     if groups == cin and cin_per_group == 1:
       return _depthwise_shifted(x, kernel, stride, padding)
