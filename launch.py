@@ -8,6 +8,7 @@ Commands:
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 
@@ -48,13 +49,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.stderr.write(f"error: bad flag value: {reason}\n"
                      "(python launch.py --help lists the flags)\n")
     sys.exit(2)
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>=...
+  except (AttributeError, KeyError):  # ml_collections: --config.<unknown key>=...
     from configs import common
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     valid = sorted(common.load_config(specs[-1]).keys()) if specs else []
-    sys.stderr.write(f"error: unknown config key {str(e).strip(chr(34))} in {overrides}; "
-                     f"valid keys: {valid}\n")
+    keys = [a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")]
+    unknown = [k for k in keys if k.split(".")[0] not in valid] or keys
+    hints = [m for k in unknown for m in difflib.get_close_matches(k.split(".")[0], valid, 1)]
+    hint = f"; did you mean {hints}?" if hints else ""
+    sys.stderr.write(f"error: unknown config key {unknown}{hint} valid keys: {valid}\n")
     sys.exit(2)
 
 

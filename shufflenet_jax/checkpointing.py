@@ -9,11 +9,13 @@ caller gives (replicated), so a run saved on 8 devices resumes on 4.
 
 from __future__ import annotations
 
-import logging
+import time
 from pathlib import Path
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class _IteratorSnapshot:
@@ -57,16 +59,26 @@ class Checkpointer:
         items["data"] = grain.checkpoint.CheckpointRestore(iterator)
       try:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
-      except Exception as e:  # a truncated or corrupted checkpoint: report it and go back one
+      except Exception as e:  # a truncated or corrupted checkpoint: set it aside, go back one
         if step is not None:
           raise
-        logging.error("Checkpoint at step %d in %s is unreadable (%s: %s); trying an older one",
-                      candidate, self.directory, type(e).__name__, e)
-        print(f"WARNING: checkpoint {candidate} is unreadable ({type(e).__name__}); "
-              "falling back to the previous one", flush=True)
+        kept = self._set_aside(candidate)
+        print(f"WARNING: checkpoint {candidate} is unreadable ({type(e).__name__}: {e}); moved "
+              f"to {kept}; falling back to the previous one", flush=True)
         continue
       return candidate, restored["state"]
     return None
+
+  def _set_aside(self, step: int) -> Path:
+    """Moves an unreadable checkpoint out of the manager's way, keeping its files."""
+    target = self.directory.parent / "unreadable_checkpoints" / f"{step}_{int(time.time())}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -1,0 +1,178 @@
+"""Preemption, crashes, a busy workdir and bad input, through the real command line."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from shufflenet_jax import checkpointing, metrics, optim, parallel, train
+from tests import fake_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("reliability")
+  fashion = fake_data.write_fashion_mnist(root / "idx", num_train=320, num_test=37)
+  return fashion, root / "tfds"
+
+
+def _command(workdir, data_dirs, *extra, command="train"):
+  fashion, tfds_dir = data_dirs
+  return [sys.executable, "launch.py", command, "--config=configs/default.py:smoke,scale=0.25",
+          f"--config.data_dir={fashion}", f"--config.tfds_data_dir={tfds_dir}",
+          "--config.batch_size=16", "--config.eval_batch_size=16", "--config.total_steps=40",
+          "--config.eval_every_steps=40", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=4", "--config.num_workers=0",
+          f"--workdir={workdir}", *extra]
+
+
+def _run(cmd, timeout=240):
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _start(cmd):
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+
+
+def _wait_for_step(workdir: Path, step: int, process, timeout=180) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    lines = metrics.read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []
+    if any(line["step"] >= step for line in lines):
+      return
+    if process.poll() is not None:
+      raise AssertionError(f"run ended early:\n{process.stdout.read()}")
+    time.sleep(0.2)
+  raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def _params(workdir: Path):
+  config = _tiny_config_like_cli()
+  mesh = parallel.make_mesh()
+  tx, _ = optim.make_optimizer(config, 40)
+  _, state = train.create_train_state(config, mesh, tx)
+  step, restored = checkpointing.Checkpointer(str(workdir)).restore(
+      train.abstract_like(state, mesh))
+  return step, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(restored["params"]))]
+
+
+def _tiny_config_like_cli():
+  from configs import common
+  config = common.load_config("configs/default.py:smoke,scale=0.25")
+  config.batch_size = 16
+  return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dirs, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = _run(_command(workdir, data_dirs))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _params(workdir)
+
+
+def _assert_same(params_a, params_b):
+  (step_a, a), (step_b, b) = params_a, params_b
+  assert step_a == step_b == 40
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_to_the_same_result(data_dirs, tmp_path,
+                                                                 uninterrupted):
+  process = _start(_command(tmp_path, data_dirs))
+  _wait_for_step(tmp_path, 6, process)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 0, output[-3000:]
+  assert "SIGTERM: saved a checkpoint at step" in output
+  saved = int(output.split("saved a checkpoint at step ")[1].split()[0])
+  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == saved < 40
+  resumed = _run(_command(tmp_path, data_dirs))
+  assert resumed.returncode == 0 and f"Resuming from checkpoint at step {saved}" in resumed.stdout
+  _assert_same(uninterrupted, _params(tmp_path))
+
+
+def test_sigkill_then_restart_resumes_from_the_last_complete_checkpoint(data_dirs, tmp_path,
+                                                                        uninterrupted):
+  process = _start(_command(tmp_path, data_dirs, "--config.checkpoint_every_steps=1"))
+  _wait_for_step(tmp_path, 5 + int(np.random.default_rng().integers(0, 10)), process)
+  os.killpg(process.pid, signal.SIGKILL)  # possibly in the middle of an async save
+  process.wait(timeout=30)
+  resumed = _run(_command(tmp_path, data_dirs))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resuming from checkpoint at step" in resumed.stdout
+  _assert_same(uninterrupted, _params(tmp_path))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data_dirs, tmp_path):
+  cmd = _command(tmp_path, data_dirs, "--config.total_steps=8")
+  assert _run(cmd).returncode == 0
+  newest = tmp_path / "checkpoints" / "8"
+  for path in (newest / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"\0garbage")  # every data and metadata file of the newest checkpoint
+  result = _run(_command(tmp_path, data_dirs, "--config.total_steps=8"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "checkpoint 8 is unreadable" in result.stdout
+  assert "Resuming from checkpoint at step 4" in result.stdout
+
+
+def test_a_second_run_on_a_live_workdir_is_refused(data_dirs, tmp_path):
+  process = _start(_command(tmp_path, data_dirs, "--config.total_steps=2000"))
+  try:
+    _wait_for_step(tmp_path, 2, process)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    result = _run(_command(tmp_path, data_dirs))
+    assert result.returncode == 1
+    assert f"is in use by a live run (pid {process.pid})" in result.stderr
+    assert result.stderr.count("\n") == 1  # one line
+    assert (tmp_path / "metrics.jsonl").read_text().startswith(before)
+  finally:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("extra,message,code", [
+    (["--config.model=shufflenet_v9"], "model='shufflenet_v9' is not one of", 1),
+    (["--config.batch_size=12"], "batch_size=12 is not divisible by the 8 devices", 1),
+    (["--config.bn_mode=sync"], "bn_mode='sync' is not one of", 1),
+    (["--config.data_dir=/nonexistent"], "apt-get install dataset-fashion-mnist", 1),
+    (["--config.colour_jitter=0.4"],
+     "unknown config key ['colour_jitter']; did you mean ['color_jitter']?", 2),
+])
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(data_dirs, tmp_path, extra, message,
+                                                         code):
+  workdir = tmp_path / "run"
+  result = _run(_command(workdir, data_dirs, *extra))
+  assert result.returncode == code
+  assert message in result.stderr
+  assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
+def test_bad_config_arg_and_eval_without_checkpoint(data_dirs, tmp_path):
+  result = _run([sys.executable, "launch.py", "summary",
+                 "--config=configs/shufflenet_v1.py:groups=5"])
+  assert result.returncode == 2
+  assert "groups=5 is not one of (1, 2, 3, 4, 8)" in result.stderr
+  result = _run(_command(tmp_path, data_dirs, command="eval"))
+  assert result.returncode == 1 and "no checkpoint in" in result.stderr
+
+
+def test_empty_data_dir_says_how_to_get_the_data(data_dirs, tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  result = _run(_command(tmp_path / "run", data_dirs, f"--config.data_dir={empty}"))
+  assert result.returncode == 1
+  assert "train-images-idx3-ubyte[.gz] not found" in result.stderr
+  assert "dataset-fashion-mnist" in result.stderr
