@@ -26,6 +26,8 @@ flags.DEFINE_string("coordinator_address", None,
                     "Multi-host without auto-detection: host:port of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes in the job.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id in [0, num_processes).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                     "Multi-host: a process silent this long is declared dead; the others abort.")
 
 
 def _summary(config) -> None:

@@ -18,22 +18,26 @@ DATA_AXIS = "data"
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None,
+                           heartbeat_timeout_seconds: int = 100) -> None:
   """Joins the processes of a multi-host job; a no-op for a single process.
 
   On TPU pods and SLURM/GKE clusters JAX finds its peers itself (call with no arguments); other
-  clusters pass the coordinator's host:port, the process count and this process's id.
+  clusters pass the coordinator's host:port, the process count and this process's id. A process
+  that dies is detected by the others within `heartbeat_timeout_seconds`, which then abort with
+  an error naming the missing task instead of hanging in a collective.
   """
   if coordinator_address is None and num_processes is None:
     if jax.distributed.is_initialized():
       return
-    try:
-      jax.distributed.initialize()  # auto-detect: TPU pod, SLURM, Open MPI, GKE
+    try:  # auto-detect: TPU pod, SLURM, Open MPI, GKE
+      jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     except (ValueError, RuntimeError) as e:
       logging.info("Single-process run (no cluster detected: %s)", e)
     return
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

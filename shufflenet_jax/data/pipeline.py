@@ -41,14 +41,19 @@ class Dataset:
   std: np.ndarray
 
 
-def _prepare(builder, manual_dir: str) -> None:
-  """Prepares the array_record files once; process 0 first, so a shared disk is written once."""
+def _prepare(make_builder, manual_dir: str):
+  """Prepares the array_record files once: process 0 first (a shared disk is written once), then
+  every other process (a no-op on a shared disk, a local preparation otherwise)."""
   config = tfds.download.DownloadConfig(manual_dir=str(Path(manual_dir).expanduser()))
   if jax.process_index() == 0:
+    builder = make_builder()
     builder.download_and_prepare(download_config=config)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
-    builder.download_and_prepare(download_config=config)  # no-op when already there
+    if jax.process_index() != 0:
+      builder = make_builder()  # a builder made before the files existed would not see them
+      builder.download_and_prepare(download_config=config)
+  return builder
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
@@ -60,17 +65,17 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   decoders = None
   if name == "fashion_mnist":
     check_files(config.data_dir)
-    builder = FashionMnistIdx(data_dir=tfds_dir, file_format="array_record")
+    make_builder = lambda: FashionMnistIdx(data_dir=tfds_dir, file_format="array_record")
     mean, std = preprocess.FASHION_MNIST_MEAN, preprocess.FASHION_MNIST_STD
   elif name == "imagenet2012":
-    builder = imagenet_builder(tfds_dir, config.data_dir)
+    make_builder = lambda: imagenet_builder(tfds_dir, config.data_dir)
     decoders = {"image": tfds.decode.SkipDecoding()}  # JPEG bytes: we decode and crop
     mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
   else:
-    builder = image_folder_builder(tfds_dir, config.data_dir, config.on_bad_image)
+    make_builder = lambda: image_folder_builder(tfds_dir, config.data_dir, config.on_bad_image)
     decoders = {"image": tfds.decode.SkipDecoding()}
     mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
-  _prepare(builder, config.data_dir)
+  builder = _prepare(make_builder, config.data_dir)
   train_split, eval_split = SPLITS[name]
   sources = [builder.as_data_source(split=s, decoders=decoders) for s in (train_split,
                                                                             eval_split)]
