@@ -203,7 +203,10 @@ def _prepare_workdir(config, workdir: Path, checkpointer) -> None:
                        "; use a new --workdir, or --config.resume=force to resume anyway")
   if parallel.is_chief():
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(current, indent=2, sort_keys=True) + "\n"
+    if path.exists() and path.read_text() != text:  # resume=force or resumable changes: keep it
+      path.rename(workdir / f"config.{int(time.time())}.json")
+    path.write_text(text)
 
 
 class _PreemptionFlag:

@@ -13,6 +13,8 @@ import pytest
 
 from tests import fake_data
 
+pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multihost_worker.py"
 

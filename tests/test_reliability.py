@@ -14,6 +14,8 @@ import pytest
 from shufflenet_jax import checkpointing, metrics, optim, parallel, train
 from tests import fake_data
 
+pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -155,6 +155,13 @@ def test_resume_refuses_a_different_config(tiny_config, tmp_path):
   tiny_config.resume = "never"
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
     train.train_and_evaluate(tiny_config, str(workdir))
+  # Forced, it resumes, and the earlier config.json is kept beside the new one.
+  tiny_config.resume = "force"
+  tiny_config.total_steps = 4
+  train.train_and_evaluate(tiny_config, str(workdir))
+  kept = list(workdir.glob("config.*.json"))
+  assert len(kept) == 1 and json.loads(kept[0].read_text())["lr"] == 0.4
+  assert json.loads((workdir / "config.json").read_text())["lr"] == 0.01
 
 
 def test_checkpoint_saved_on_8_devices_restores_on_4(tiny_config, tmp_path):
