@@ -101,9 +101,12 @@ def layer_table(model: nnx.Module, input_size: int = 224, in_channels: int = 3) 
 
 
 def _layer_attr(name: str) -> tuple:
-  """Path prefix in the model state for a named layer (stages live under `stages/<i>`)."""
+  """Path prefix in the model state for a named layer: `stageN` lives under stages/N-2 and
+  `blockN` (MobileNet) under blocks/N-1; any other layer under its own name."""
   if name.startswith("stage"):
     return ("stages", int(name[len("stage"):]) - 2)
+  if name.startswith("block"):
+    return ("blocks", int(name[len("block"):]) - 1)
   return (name,)
 
 

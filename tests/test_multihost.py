@@ -36,16 +36,34 @@ def _launch(mode, out, data, num_processes, devices, steps=6):
   port = _free_port()
   env = {**os.environ, "STEPS": str(steps)}
   env.pop("XLA_FLAGS", None)
-  return [subprocess.Popen(
-      [sys.executable, str(WORKER), mode, str(i), str(num_processes), str(port), str(devices),
-       str(out), str(idx), str(tfds_dir)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
+  processes = []
+  for i in range(num_processes):
+    log = open(out / f"{mode}_{num_processes}_{i}_{port}.log", "w")  # a file: a full pipe blocks
+    process = subprocess.Popen(
+        [sys.executable, str(WORKER), mode, str(i), str(num_processes), str(port), str(devices),
+         str(out), str(idx), str(tfds_dir)], cwd=ROOT, env=env, stdout=log,
+        stderr=subprocess.STDOUT, text=True)
+    process.log_path = Path(log.name)
+    log.close()
+    processes.append(process)
+  return processes
 
 
-def _finish(processes, timeout=240):
-  outputs = [p.communicate(timeout=timeout)[0] for p in processes]
-  for p, out in zip(processes, outputs):
-    assert p.returncode == 0, out[-4000:]
+def _finish(processes, timeout=300):
+  """Waits for every process; on a failure or timeout, kills all and shows every output."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+    if any(p.poll() not in (None, 0) for p in processes):
+      break  # one failed: the others may wait for it forever
+    time.sleep(0.2)
+  for p in processes:
+    if p.poll() is None:
+      p.kill()
+    p.wait()
+  outputs = [p.log_path.read_text() for p in processes]
+  report = "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
+                     for i, (p, out) in enumerate(zip(processes, outputs)))
+  assert all(p.returncode == 0 for p in processes), report
   return outputs
 
 
@@ -84,11 +102,12 @@ def test_a_dead_process_takes_the_job_down_quickly_with_a_message(data, tmp_path
   deadline = time.monotonic() + 180
   while time.monotonic() < deadline and not (metrics_file.exists() and
                                              len(metrics_file.read_text().splitlines()) >= 3):
-    assert processes[0].poll() is None, processes[0].communicate()[0][-3000:]
+    assert processes[0].poll() is None, processes[0].log_path.read_text()[-3000:]
     time.sleep(0.2)
   processes[1].kill()
   killed_at = time.monotonic()
-  output = processes[0].communicate(timeout=120)[0]
+  processes[0].wait(timeout=120)
+  output = processes[0].log_path.read_text()
   assert time.monotonic() - killed_at < 60  # heartbeat timeout 10 s in the worker
   assert processes[0].returncode != 0
   assert "another task died" in output or "stopped sending heartbeats" in output

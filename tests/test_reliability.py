@@ -41,8 +41,14 @@ def _run(cmd, timeout=240):
 
 
 def _start(cmd):
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True)
+  """A background run whose output goes to a file (a pipe nobody reads would block it)."""
+  workdir = next(a.removeprefix("--workdir=") for a in cmd if a.startswith("--workdir="))
+  log_path = Path(workdir).parent / f"run_{time.monotonic_ns()}.log"
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+  process.output = lambda: log_path.read_text()
+  return process
 
 
 def _wait_for_step(workdir: Path, step: int, process, timeout=180) -> None:
@@ -52,7 +58,7 @@ def _wait_for_step(workdir: Path, step: int, process, timeout=180) -> None:
     if any(line["step"] >= step for line in lines):
       return
     if process.poll() is not None:
-      raise AssertionError(f"run ended early:\n{process.stdout.read()}")
+      raise AssertionError(f"run ended early:\n{process.output()[-3000:]}")
     time.sleep(0.2)
   raise AssertionError(f"no step {step} within {timeout}s")
 
@@ -94,7 +100,8 @@ def test_sigterm_saves_exits_zero_and_resumes_to_the_same_result(data_dirs, tmp_
   process = _start(_command(tmp_path, data_dirs))
   _wait_for_step(tmp_path, 6, process)
   process.send_signal(signal.SIGTERM)
-  output = process.communicate(timeout=120)[0]
+  process.wait(timeout=120)
+  output = process.output()
   assert process.returncode == 0, output[-3000:]
   assert "SIGTERM: saved a checkpoint at step" in output
   saved = int(output.split("saved a checkpoint at step ")[1].split()[0])

@@ -7,12 +7,15 @@ import inspect
 import jax
 from flax import nnx
 
+from shufflenet_jax.models.baselines import MobileNetV1, Table4Baseline
 from shufflenet_jax.models.shufflenet_v1 import ShuffleNetV1
 from shufflenet_jax.models.shufflenet_v2 import ShuffleNetV2
 
 MODELS = {
     "shufflenet_v1": ShuffleNetV1,
     "shufflenet_v2": ShuffleNetV2,
+    "table4_baseline": Table4Baseline,  # vgg / resnet / resnext units in v1's macro layout
+    "mobilenet_v1": MobileNetV1,
 }
 
 

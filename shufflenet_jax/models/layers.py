@@ -219,3 +219,24 @@ def sequential(modules):
       x = module(x, train)
     return x
   return apply
+
+
+def stem_and_stages(model) -> list[tuple[str, callable]]:
+  """The macro layout shared by the models: conv1, max pool (ImageNet stem), stage2..4."""
+  layers = [("conv1", model.conv1)]
+  if model.stem == "imagenet":
+    layers.append(("maxpool", lambda x, train: max_pool(x)))
+  for index, stage in enumerate(model.stages):
+    layers.append((f"stage{index + 2}", sequential(stage)))
+  return layers
+
+
+def pool_and_classify(model) -> list[tuple[str, callable]]:
+  return [("global_pool", lambda x, train: global_avg_pool(x)),
+          ("fc", lambda x, train: model.fc(x))]
+
+
+def apply_layers(layers, x: jax.Array, train: bool) -> jax.Array:
+  for _, layer in layers:
+    x = layer(x, train)
+  return x

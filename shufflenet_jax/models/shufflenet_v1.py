@@ -17,15 +17,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shufflenet_jax.models.layers import (
-  SHUFFLE_ORDERS,
-  ConvBN,
-  Dense,
-  avg_pool,
-  channel_shuffle,
-  channel_unshuffle,
-  global_avg_pool,
-  max_pool,
-  sequential,
+    SHUFFLE_ORDERS,
+    ConvBN,
+    Dense,
+    apply_layers,
+    avg_pool,
+    channel_shuffle,
+    channel_unshuffle,
+    pool_and_classify,
+    stem_and_stages,
 )
 
 GROUPS = (1, 2, 3, 4, 8)
@@ -135,16 +135,8 @@ class ShuffleNetV1(nnx.Module):
 
   def named_layers(self) -> list[tuple[str, callable]]:
     """Table-1 rows as (name, fn(x, train)), in order; `__call__` and the summary share them."""
-    layers = [("conv1", self.conv1)]
-    if self.stem == "imagenet":
-      layers.append(("maxpool", lambda x, train: max_pool(x)))
-    for index, stage in enumerate(self.stages):
-      layers.append((f"stage{index + 2}", sequential(stage)))
-    layers.append(("global_pool", lambda x, train: global_avg_pool(x)))
-    layers.append(("fc", lambda x, train: self.fc(x)))
-    return layers
+    layers = stem_and_stages(self)
+    return layers + pool_and_classify(self)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    for _, layer in self.named_layers():
-      x = layer(x, train)
-    return x
+    return apply_layers(self.named_layers(), x, train)

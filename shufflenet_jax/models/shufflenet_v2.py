@@ -12,12 +12,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shufflenet_jax.models.layers import (
-  ConvBN,
-  Dense,
-  channel_shuffle,
-  global_avg_pool,
-  max_pool,
-  sequential,
+    ConvBN,
+    Dense,
+    apply_layers,
+    channel_shuffle,
+    pool_and_classify,
+    sequential,
+    stem_and_stages,
 )
 
 # [conv1, stage2, stage3, stage4, conv5] per width multiplier (paper Table 5 / torchvision).
@@ -96,17 +97,9 @@ class ShuffleNetV2(nnx.Module):
 
   def named_layers(self) -> list[tuple[str, callable]]:
     """Table-5 rows as (name, fn(x, train)), in order; `__call__` and the summary share them."""
-    layers = [("conv1", self.conv1)]
-    if self.stem == "imagenet":
-      layers.append(("maxpool", lambda x, train: max_pool(x)))
-    for index, stage in enumerate(self.stages):
-      layers.append((f"stage{index + 2}", sequential(stage)))
+    layers = stem_and_stages(self)
     layers.append(("conv5", self.conv5))
-    layers.append(("global_pool", lambda x, train: global_avg_pool(x)))
-    layers.append(("fc", lambda x, train: self.fc(x)))
-    return layers
+    return layers + pool_and_classify(self)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    for _, layer in self.named_layers():
-      x = layer(x, train)
-    return x
+    return apply_layers(self.named_layers(), x, train)

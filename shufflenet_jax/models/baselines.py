@@ -1,0 +1,159 @@
+"""The papers' comparison models (ShuffleNet paper, Tables 4 and 5).
+
+Table 4 models keep ShuffleNet v1's macro layout (3x3/2 conv1 with 24 channels, 3x3/2 max pool,
+Stage2/3/4 with 4/8/4 units whose first unit has stride 2, global pool, FC) and swap the units:
+
+  vgg       two 3x3 convs, each with BN and ReLU
+  resnet    bottleneck 1:4 (1x1 -> 3x3 -> 1x1, bottleneck = out/4), projection shortcut on stride 2
+  resnext   cardinality 16, bottleneck 1:2 (the 3x3 conv has 16 groups, bottleneck = out/2)
+  xception  ShuffleNet v1 with g=1 and no shuffle (built by `xception_like`)
+
+Widths: stage widths are (w, 2w, 4w). For each target complexity (140 / 38 / 13 MFLOPs, VGG at
+140 only) `TABLE4_WIDTHS` holds the Stage2 width w found by counting MFLOPs of the model for every
+multiple of the family's granularity (4, or 32 for ResNeXt so 16 groups divide w/2) and keeping
+the closest; where the paper states a Stage4 width (38 MFLOPs: ResNet 192, ResNeXt 192, VGG 50)
+we checked it against this search. `tests/test_baselines.py` recounts every entry (within 5%).
+
+MobileNet v1 (Table 5) is the standard 28-layer network at width 0.25/0.5/0.75/1.0, 224x224:
+41 / 149 / 325 / 569 MFLOPs as published.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from shufflenet_jax.models.layers import (
+    ConvBN,
+    Dense,
+    apply_layers,
+    pool_and_classify,
+    stem_and_stages,
+)
+from shufflenet_jax.models.shufflenet_v1 import STAGE_REPEATS, STEMS
+
+UNITS = ("vgg", "resnet", "resnext")
+CARDINALITY = 16
+# (unit, target MFLOPs) -> Stage2 width (see the module docstring for how they were found).
+TABLE4_WIDTHS = {
+    ("vgg", 140): 16,
+    ("resnet", 140): 104, ("resnet", 38): 52, ("resnet", 13): 28,
+    ("resnext", 140): 96, ("resnext", 38): 32, ("resnext", 13): 32,
+}
+# Xception-like = ShuffleNet v1 g=1 without shuffle at the scale with that complexity.
+XCEPTION_SCALES = {140: 1.0, 38: 0.5, 13: 0.25}
+MOBILENET_WIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+class VGGUnit(nnx.Module):
+  def __init__(self, cin, cout, *, stride, conv_impl, dtype, rngs):
+    common = dict(conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    self.conv_a = ConvBN(cin, cout, 3, stride=stride, **common)
+    self.conv_b = ConvBN(cout, cout, 3, **common)
+
+  def __call__(self, x, train):
+    return self.conv_b(self.conv_a(x, train), train)
+
+
+class ResNetUnit(nnx.Module):
+  """Bottleneck (1:4 for ResNet; 1:2 with a grouped 3x3 for ResNeXt) with a residual add."""
+
+  def __init__(self, cin, cout, *, stride, ratio, groups, conv_impl, dtype, rngs):
+    common = dict(conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    mid = cout // ratio
+    self.reduce = ConvBN(cin, mid, 1, **common)
+    self.spatial = ConvBN(mid, mid, 3, stride=stride, groups=groups, **common)
+    self.expand = ConvBN(mid, cout, 1, relu=False, **common)
+    needs_projection = stride != 1 or cin != cout
+    self.shortcut = (ConvBN(cin, cout, 1, stride=stride, relu=False, **common)
+                     if needs_projection else None)
+
+  def __call__(self, x, train):
+    y = self.expand(self.spatial(self.reduce(x, train), train), train)
+    shortcut = x if self.shortcut is None else self.shortcut(x, train)
+    return jax.nn.relu(y + shortcut.astype(y.dtype))
+
+
+class Table4Baseline(nnx.Module):
+  """ShuffleNet v1's macro layout with `unit` in Stage2/3/4 (Stage2 width `width`)."""
+
+  def __init__(self, *, unit: str = "resnet", width: int = 104, stem: str = "imagenet",
+               num_classes: int = 1000, in_channels: int = 3, conv_impl: str = "auto",
+               dtype=None, rngs: nnx.Rngs):
+    if unit not in UNITS:
+      raise ValueError(f"unit={unit!r} is not one of {UNITS} (xception: use xception_like)")
+    if stem not in STEMS:
+      raise ValueError(f"stem={stem!r} is not one of {STEMS}")
+    granularity = 2 * CARDINALITY if unit == "resnext" else 4
+    if width <= 0 or width % granularity:
+      raise ValueError(f"width={width} must be a positive multiple of {granularity} for {unit}")
+    common = dict(conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    self.stem, self.repeats, self.unit = stem, STAGE_REPEATS, unit
+    self.conv1 = ConvBN(in_channels, 24, 3, stride=2 if stem == "imagenet" else 1, **common)
+    stages, cin = [], 24
+    for stage_index, repeats in enumerate(STAGE_REPEATS):
+      cout = width * 2 ** stage_index
+      units = []
+      for i in range(repeats):
+        stride = 2 if i == 0 else 1
+        if unit == "vgg":
+          units.append(VGGUnit(cin, cout, stride=stride, **common))
+        else:
+          ratio, groups = (4, 1) if unit == "resnet" else (2, CARDINALITY)
+          units.append(ResNetUnit(cin, cout, stride=stride, ratio=ratio, groups=groups,
+                                  **common))
+        cin = cout
+      stages.append(nnx.List(units))
+    self.stages = nnx.List(stages)
+    self.fc = Dense(cin, num_classes, rngs=rngs)
+
+  def named_layers(self):
+    return stem_and_stages(self) + pool_and_classify(self)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return apply_layers(self.named_layers(), x, train)
+
+
+class MobileNetV1(nnx.Module):
+  """MobileNet v1 (Howard et al. 2017): 3x3/2 conv, 13 depthwise-separable blocks, pool, FC."""
+
+  # (output channels at width 1.0, stride) of the 13 depthwise-separable blocks.
+  BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),
+            (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+  def __init__(self, *, width: float = 1.0, stem: str = "imagenet", num_classes: int = 1000,
+               in_channels: int = 3, conv_impl: str = "auto", dtype=None, rngs: nnx.Rngs):
+    if width not in MOBILENET_WIDTHS:
+      raise ValueError(f"width={width!r} is not one of {MOBILENET_WIDTHS}")
+    common = dict(conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    self.stem, self.repeats = stem, ()  # no stages: 13 blocks
+    channels = int(32 * width)
+    self.conv1 = ConvBN(in_channels, channels, 3, stride=2 if stem == "imagenet" else 1,
+                        **common)
+    blocks = []
+    for cout, stride in self.BLOCKS:
+      cout = int(cout * width)
+      blocks.append(nnx.List([ConvBN(channels, channels, 3, stride=stride, groups=channels,
+                                     **common),
+                              ConvBN(channels, cout, 1, **common)]))
+      channels = cout
+    self.blocks = nnx.List(blocks)
+    self.fc = Dense(channels, num_classes, rngs=rngs)
+
+  def named_layers(self):
+    layers = [("conv1", self.conv1)]
+    for index, (depthwise, pointwise) in enumerate(self.blocks):
+      layers.append((f"block{index + 1}",
+                     lambda x, train, d=depthwise, p=pointwise: p(d(x, train), train)))
+    return layers + pool_and_classify(self)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return apply_layers(self.named_layers(), x, train)
+
+
+def xception_like(target_mflops: int) -> dict:
+  """get_model kwargs of the Xception-like baseline at a Table 4 complexity."""
+  if target_mflops not in XCEPTION_SCALES:
+    raise ValueError(f"target_mflops={target_mflops} is not one of {tuple(XCEPTION_SCALES)}")
+  return dict(groups=1, scale=XCEPTION_SCALES[target_mflops], shuffle=False)
+
