@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine with python3.12:
 #   make train   venv + requirements + Fashion-MNIST files, then train the default config
+#                (TRAIN_ARGS="--config.num_epochs=1" and WORKDIR=... pass through to launch.py)
 #   make test    venv + dev requirements, then ruff and pytest
 PYTHON ?= python3.12
 VENV ?= .venv
@@ -39,7 +40,7 @@ data:
 	done
 
 train: setup data
-	$(PY) launch.py train --config=$(CONFIG):data_dir=$(DATA_DIR) --workdir=$(WORKDIR)
+	$(PY) launch.py train --config=$(CONFIG) --config.data_dir=$(DATA_DIR) --workdir=$(WORKDIR) $(TRAIN_ARGS)
 
 lint: setup-dev
 	$(PY) -m ruff check .

@@ -204,9 +204,13 @@ def _prepare_workdir(config, workdir: Path, checkpointer) -> None:
   if parallel.is_chief():
     workdir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(current, indent=2, sort_keys=True) + "\n"
-    if path.exists() and path.read_text() != text:  # resume=force or resumable changes: keep it
+    if path.exists() and path.read_text() == text:
+      return  # other processes may be reading it: never rewrite an identical file
+    if path.exists():  # resume=force or resumable changes: keep the earlier one
       path.rename(workdir / f"config.{int(time.time())}.json")
-    path.write_text(text)
+    temporary = workdir / f".config.json.{os.getpid()}"
+    temporary.write_text(text)
+    os.replace(temporary, path)  # atomic: readers see the old file or the new one, never half
 
 
 class _PreemptionFlag:
