@@ -6,9 +6,10 @@ shallow=false, recipe=paper|official, bn_mode=global|per_device, smoke=false.
 One machine:
   python launch.py train --config=configs/shufflenet_v1.py:groups=3,scale=1.0 \
       --workdir=workdirs/v1_g3_1x
-TPU pod (the same command on every host; jax.distributed joins them):
+TPU pod (the same command on every host; jax.distributed joins them; the workdir on a
+filesystem every host sees, e.g. a gcsfuse-mounted bucket):
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd shufflenet_jax && \
-      python launch.py train --config=configs/shufflenet_v1.py:groups=8 --workdir=gs://$BUCKET/v1_g8"
+      python launch.py train --config=configs/shufflenet_v1.py:groups=8 --workdir=/mnt/bucket/v1_g8"
 """
 
 from configs import common

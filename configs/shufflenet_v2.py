@@ -4,9 +4,11 @@ Args: scale=0.5|1.0|1.5|2.0, recipe=paper|official, bn_mode=global|per_device, s
 
 One machine:
   python launch.py train --config=configs/shufflenet_v2.py:scale=1.0 --workdir=workdirs/v2_1x
-TPU pod (the same command on every host; jax.distributed joins them):
+TPU pod (the same command on every host; jax.distributed joins them; the workdir on a
+filesystem every host sees, e.g. a gcsfuse-mounted bucket):
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd shufflenet_jax && \
-      python launch.py train --config=configs/shufflenet_v2.py:scale=1.0 --workdir=gs://$BUCKET/v2_1x"
+      python launch.py train --config=configs/shufflenet_v2.py:scale=1.0 \
+      --workdir=/mnt/bucket/v2_1x"
 """
 
 from configs import common

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from shufflenet_jax import checkpointing, metrics, optim, parallel
@@ -53,9 +54,10 @@ def workdir_lock(workdir: Path):
   """Holds an exclusive flock on workdir/.lock for the run (the chief process only).
 
   The kernel drops the lock when the holder dies, even by SIGKILL, so a crash never leaves the
-  workdir locked. Remote (gs://) workdirs are not locked.
+  workdir locked. (flock is advisory and per host: a shared-filesystem workdir is locked by the
+  chief host only.)
   """
-  if not parallel.is_chief() or "://" in str(workdir):
+  if not parallel.is_chief():
     yield
     return
   workdir.mkdir(parents=True, exist_ok=True)
@@ -214,21 +216,33 @@ def _prepare_workdir(config, workdir: Path, checkpointer) -> None:
 
 
 class _PreemptionFlag:
-  """Set by SIGTERM (how TPU VMs and schedulers announce preemption); checked every step."""
+  """Preemption notice (SIGTERM, how TPU VMs and schedulers announce it), checked every step.
+
+  One process: our own SIGTERM handler. Several: JAX's coordination service already catches
+  SIGTERM on any host and agrees on one step at which every host saves
+  (`reached_preemption_sync_point`), so all hosts enter the collective save together.
+  """
 
   def __init__(self):
-    self.raised = False
+    self._raised = False
     self._previous = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, no preemption saves
-      self._previous = None
+    if not self._multi:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: no handler, no preemption saves
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
-    self.raised = True
+    self._raised = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      self._raised = self._raised or multihost_utils.reached_preemption_sync_point(step)
+    return self._raised
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -313,10 +327,11 @@ def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpo
         progress.update(step, f"eval top1 {eval_results['eval/top1']:.4f} "
                         f"top5 {eval_results['eval/top5']:.4f}")
         window_start += time.monotonic() - eval_start  # keep img/s about training alone
-      if preemption.raised or step == total_steps or step % config.checkpoint_every_steps == 0:
+      preempted = preemption.reached(step)
+      if preempted or step == total_steps or step % config.checkpoint_every_steps == 0:
         _check_finite(step_metrics, step, checkpointer)
-        checkpointer.save(step, state, iterator, force=preemption.raised or step == total_steps)
-      if preemption.raised:
+        checkpointer.save(step, state, iterator, force=preempted or step == total_steps)
+      if preempted:
         checkpointer.wait()
         progress.close()
         if chief:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -111,3 +112,20 @@ def test_a_dead_process_takes_the_job_down_quickly_with_a_message(data, tmp_path
   assert time.monotonic() - killed_at < 60  # heartbeat timeout 10 s in the worker
   assert processes[0].returncode != 0
   assert "another task died" in output or "stopped sending heartbeats" in output
+
+
+def test_sigterm_on_one_host_saves_on_every_host_at_the_same_step(data, tmp_path):
+  processes = _launch("train", tmp_path, data, 2, 2, steps=100_000)
+  metrics_file = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.monotonic() + 180
+  while time.monotonic() < deadline and not (metrics_file.exists() and
+                                             len(metrics_file.read_text().splitlines()) >= 3):
+    assert all(p.poll() is None for p in processes), processes[0].log_path.read_text()[-3000:]
+    time.sleep(0.2)
+  processes[0].send_signal(signal.SIGTERM)  # the notice reaches one host only
+  outputs = _finish(processes, timeout=120)
+  assert "SIGTERM: saved a checkpoint at step" in outputs[0]
+  step = int(outputs[0].split("saved a checkpoint at step ")[1].split()[0])
+  data_dir = tmp_path / "run" / "checkpoints" / str(step) / "data"
+  assert sorted(p.name for p in data_dir.glob("*.json")) == ["process_0-of-2.json",
+                                                              "process_1-of-2.json"]
