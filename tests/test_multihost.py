@@ -68,6 +68,15 @@ def _finish(processes, timeout=300):
   return outputs
 
 
+def _wait_until_training(processes, out, lines: int = 3, timeout: float = 180) -> None:
+  metrics_file = out / "run" / "metrics.jsonl"
+  deadline = time.monotonic() + timeout
+  while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= lines):
+    assert time.monotonic() < deadline, f"no training after {timeout}s"
+    assert all(p.poll() is None for p in processes), processes[0].log_path.read_text()[-3000:]
+    time.sleep(0.2)
+
+
 def test_two_processes_match_one_process_on_the_same_global_batches(data, tmp_path):
   _finish(_launch("steps", tmp_path, data, 2, 2))
   _finish(_launch("steps", tmp_path, data, 1, 4))
@@ -99,12 +108,7 @@ def test_two_process_training_evaluates_exactly_and_checkpoints_both_iterators(d
 
 def test_a_dead_process_takes_the_job_down_quickly_with_a_message(data, tmp_path):
   processes = _launch("train", tmp_path, data, 2, 2, steps=100_000)
-  metrics_file = tmp_path / "run" / "metrics.jsonl"
-  deadline = time.monotonic() + 180
-  while time.monotonic() < deadline and not (metrics_file.exists() and
-                                             len(metrics_file.read_text().splitlines()) >= 3):
-    assert processes[0].poll() is None, processes[0].log_path.read_text()[-3000:]
-    time.sleep(0.2)
+  _wait_until_training(processes, tmp_path)
   processes[1].kill()
   killed_at = time.monotonic()
   processes[0].wait(timeout=120)
@@ -116,12 +120,7 @@ def test_a_dead_process_takes_the_job_down_quickly_with_a_message(data, tmp_path
 
 def test_sigterm_on_one_host_saves_on_every_host_at_the_same_step(data, tmp_path):
   processes = _launch("train", tmp_path, data, 2, 2, steps=100_000)
-  metrics_file = tmp_path / "run" / "metrics.jsonl"
-  deadline = time.monotonic() + 180
-  while time.monotonic() < deadline and not (metrics_file.exists() and
-                                             len(metrics_file.read_text().splitlines()) >= 3):
-    assert all(p.poll() is None for p in processes), processes[0].log_path.read_text()[-3000:]
-    time.sleep(0.2)
+  _wait_until_training(processes, tmp_path)
   processes[0].send_signal(signal.SIGTERM)  # the notice reaches one host only
   outputs = _finish(processes, timeout=120)
   assert "SIGTERM: saved a checkpoint at step" in outputs[0]
