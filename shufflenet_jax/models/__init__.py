@@ -29,8 +29,8 @@ def get_model(name: str, *, seed: int = 0, abstract: bool = False, **kwargs) -> 
   """Builds model `name`; errors name the valid models and arguments.
 
   Parameters are initialised inside one jitted program with an RBG key: eager per-layer
-  initialisation compiles one small XLA program per parameter shape (about 6 s per model on a
-  2-core CPU; 2.9 s this way). `abstract=True` returns shapes only (`nnx.eval_shape`).
+  initialisation compiles one small XLA program per parameter shape, which dominated start-up
+  on a 2-core CPU. `abstract=True` returns shapes only (`nnx.eval_shape`).
   """
   cls = model_class(name)
   valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
