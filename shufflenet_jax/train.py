@@ -111,6 +111,27 @@ def abstract_like(state, mesh):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
+def abstract_train_state(config, mesh, tx):
+  """(graphdef, restore target) of the train state, without initialising any parameter."""
+  graphdef, params, batch_stats = nnx.split(build_model(config, abstract=True), nnx.Param,
+                                            nnx.BatchStat)
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+           "batch_stats": batch_stats, "opt_state": jax.eval_shape(tx.init, params)}
+  return graphdef, abstract_like(state, mesh)
+
+
+def restore_train_state(config, workdir: str, mesh, iterator=None):
+  """(step, graphdef, state) of the newest readable checkpoint in `workdir`, or None."""
+  tx, _ = optim.make_optimizer(config, max(1, config.total_steps))  # shapes only
+  graphdef, target = abstract_train_state(config, mesh, tx)
+  checkpointer = checkpointing.Checkpointer(str(workdir))
+  try:
+    restored = checkpointer.restore(target, iterator)
+  finally:
+    checkpointer.close()
+  return None if restored is None else (restored[0], graphdef, restored[1])
+
+
 def _loss_fn(graphdef, config):
   def loss_fn(params, batch_stats, images, labels):
     # copy=True: fresh Variables at this trace level, so BN can update its statistics.
@@ -279,17 +300,19 @@ def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpo
   total_steps = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
   tx, schedule = optim.make_optimizer(config, total_steps)
-  graphdef, state = create_train_state(config, mesh, tx)
+  graphdef, target = abstract_train_state(config, mesh, tx)
   iterator = iter(pipeline.train_loader(config, dataset, per_process_batch, config.seed))
 
-  first_step = 0
+  first_step, restored = 0, None
   if config.resume != "never":
-    restored = checkpointer.restore(abstract_like(state, mesh), iterator)
-    if restored is not None:
-      first_step, state = restored
-      logging.info("Resumed from step %d in %s", first_step, workdir)
-      if chief:
-        print(f"Resuming from checkpoint at step {first_step}", flush=True)
+    restored = checkpointer.restore(target, iterator)
+  if restored is not None:
+    first_step, state = restored
+    logging.info("Resumed from step %d in %s", first_step, workdir)
+    if chief:
+      print(f"Resuming from checkpoint at step {first_step}", flush=True)
+  else:  # initialise only when there is nothing to resume
+    graphdef, state = create_train_state(config, mesh, tx)
   train_step = make_train_step(graphdef, tx, config, mesh)
   eval_step = make_eval_step(graphdef, config, mesh)
   if chief:
@@ -363,16 +386,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Evaluates the latest checkpoint in `workdir` on the whole eval split and prints it."""
   _check_config(config)
   mesh = parallel.make_mesh()
-  checkpointer = checkpointing.Checkpointer(str(workdir))
-  if checkpointer.latest_step() is None:
+  restored = restore_train_state(config, workdir, mesh)
+  if restored is None:
     raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}; train first "
                             f"(python launch.py train --workdir={workdir} ...)")
+  step, graphdef, state = restored
   dataset = pipeline.load_dataset(config)
-  tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
-  graphdef, state = create_train_state(config, mesh, tx)
-  step, state = checkpointer.restore(abstract_like(state, mesh))
   results = evaluate(make_eval_step(graphdef, config, mesh), state, config, dataset, mesh)
-  checkpointer.close()
   if parallel.is_chief():
     print(f"step {step}: top-1 {results['eval/top1']:.4f} top-5 {results['eval/top5']:.4f} "
           f"loss {results['eval/loss']:.4f} on {int(results['eval/num_examples'])} examples",

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from shufflenet_jax import checkpointing, metrics, optim, parallel, train
+from shufflenet_jax import checkpointing, metrics, parallel, train
 from tests import fake_data
 
 pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
@@ -64,12 +64,8 @@ def _wait_for_step(workdir: Path, step: int, process, timeout=180) -> None:
 
 
 def _params(workdir: Path):
-  config = _tiny_config_like_cli()
-  mesh = parallel.make_mesh()
-  tx, _ = optim.make_optimizer(config, 40)
-  _, state = train.create_train_state(config, mesh, tx)
-  step, restored = checkpointing.Checkpointer(str(workdir)).restore(
-      train.abstract_like(state, mesh))
+  step, _, restored = train.restore_train_state(_tiny_config_like_cli(), str(workdir),
+                                                parallel.make_mesh())
   return step, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(restored["params"]))]
 
 

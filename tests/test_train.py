@@ -119,9 +119,7 @@ def test_eval_counts_every_example_exactly_once(tiny_config, num_examples):
 
 
 def _final_params(workdir, config):
-  mesh, _, _, state = _setup(config)
-  step, restored = checkpointing.Checkpointer(str(workdir)).restore(
-      train.abstract_like(state, mesh))
+  step, _, restored = train.restore_train_state(config, str(workdir), parallel.make_mesh())
   return step, restored
 
 
@@ -141,6 +139,10 @@ def test_stop_and_resume_gives_the_same_parameters(tiny_config, tmp_path):
   assert {"train/loss", "train/top1", "lr", "img_per_sec"} <= set(lines[0])
   evals = [line for line in lines if "eval/top1" in line]
   assert evals[-1]["eval/num_examples"] == 37 and 0 <= evals[-1]["eval/top5"] <= 1
+  # `launch.py eval` on the finished workdir reproduces the run's final evaluation.
+  reevaluated = train.evaluate_checkpoint(tiny_config, str(workdir))
+  assert reevaluated["step"] == 6
+  assert reevaluated["eval/top1"] == pytest.approx(evals[-1]["eval/top1"], abs=1e-9)
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"] == "shufflenet_v1" and saved["batch_size"] == 16
 
