@@ -4,6 +4,11 @@ Commands:
   summary  per-layer table (output size, channels, MFLOPs, params); --json adds a JSON last line
   train    train_and_evaluate(config, workdir), resuming from the workdir if it holds a run
   eval     evaluate the latest checkpoint in --workdir and print top-1/top-5
+  sweep    expand --experiment=experiments/FILE.py[:args] into runs under --root; print their
+           commands (--dry_run), run them here (--local), or on a TPU VM (--tpu, --zone)
+  report   the experiment's paper table with our results beside the paper's (Markdown, CSV, PNG)
+
+sweep and report pass `--config.KEY=VALUE` overrides through to every run.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("summary", "train", "eval")
+COMMANDS = ("summary", "train", "eval", "sweep", "report")
+SWEEP_COMMANDS = ("sweep", "report")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py:groups=3",
@@ -28,6 +34,18 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes in 
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id in [0, num_processes).")
 flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
                      "Multi-host: a process silent this long is declared dead; the others abort.")
+flags.DEFINE_string("experiment", None, "sweep/report: experiments/FILE.py[:args].")
+flags.DEFINE_string("root", None, "sweep/report: directory holding one workdir per run.")
+flags.DEFINE_bool("dry_run", False, "sweep: print every run's command.")
+flags.DEFINE_bool("local", False, "sweep: run every run here, one after another (resumable).")
+flags.DEFINE_string("tpu", None, "sweep: TPU VM name; prints the gcloud line of every run.")
+flags.DEFINE_string("zone", None, "sweep: the TPU VM's zone.")
+flags.DEFINE_string("remote_dir", "shufflenet_jax", "sweep: the repository's path on the TPU VM.")
+flags.DEFINE_bool("execute", False, "sweep --tpu: run the gcloud lines instead of printing them.")
+flags.DEFINE_string("output", None, "report: output path without suffix (default ROOT/report).")
+
+# `--config.KEY=VALUE` given to sweep/report: passed through to every run's command line.
+PASSTHROUGH: list[str] = []
 
 
 def _summary(config) -> None:
@@ -39,8 +57,41 @@ def _summary(config) -> None:
                       "params": result["params"], "input_size": result["input_size"]}))
 
 
+def _sweep_or_report(command: str) -> None:
+  from shufflenet_jax import sweeps  # imported late: keeps `--help` fast
+  if FLAGS.config is not None:
+    raise app.UsageError(f"{command} takes --experiment, not --config (each run has its own)")
+  if not FLAGS.experiment or not FLAGS.root:
+    raise app.UsageError(f"{command} needs --experiment=experiments/FILE.py and --root=DIR")
+  runs = sweeps.expand(FLAGS.experiment)
+  sweeps.check_overrides(runs, PASSTHROUGH)
+  if command == "report":
+    from shufflenet_jax import report
+    report.write_report(FLAGS.experiment, runs, FLAGS.root, FLAGS.output)
+    return
+  modes = [m for m in ("dry_run", "local", "tpu") if FLAGS[m].value]
+  if len(modes) != 1:
+    raise app.UsageError(f"sweep needs exactly one of --dry_run, --local, --tpu (got {modes})")
+  if FLAGS.local:
+    sys.exit(1 if sweeps.run_local(runs, FLAGS.root, PASSTHROUGH) else 0)
+  if FLAGS.dry_run:
+    for run in runs:
+      print(sweeps.train_command(run, FLAGS.root, PASSTHROUGH))
+    return
+  if not FLAGS.zone:
+    raise app.UsageError("--tpu needs --zone")
+  commands = [sweeps.tpu_command(run, FLAGS.root, PASSTHROUGH, tpu=FLAGS.tpu, zone=FLAGS.zone,
+                                 remote_dir=FLAGS.remote_dir) for run in runs]
+  if FLAGS.execute:
+    sys.exit(sweeps.run_tpu(commands))
+  print("\n".join(commands))
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a bad --config reported as one line instead of a traceback."""
+  if any(a in SWEEP_COMMANDS for a in argv[1:]):
+    PASSTHROUGH.extend(a for a in argv[1:] if a.startswith("--config."))
+    argv = [a for a in argv if not a.startswith("--config.")]
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -69,6 +120,9 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"expected one command from {COMMANDS}, got {argv[1:]}")
   command = argv[1]
+  if command in SWEEP_COMMANDS:
+    _sweep_or_report(command)
+    return
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/default.py")
   if command == "summary":

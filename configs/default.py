@@ -16,30 +16,14 @@ from shufflenet_jax.models import shufflenet_v1
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, groups=3, scale=0.25, epochs=4.0, batch_size=128,
-                          data_dir="/usr/share/datasets/fashion-mnist", smoke=False)
+                          data_dir=common.FASHION_MNIST_DIR, smoke=False)
   shufflenet_v1.v1_channels(args.groups, args.scale)
   c = common.base_config()
   c.model = "shufflenet_v1"
   c.model_kwargs = dict(groups=args.groups, scale=args.scale, shuffle=True, shallow=True,
                         stem="small")
-  c.dataset = "fashion_mnist"
-  c.data_dir = args.data_dir
-  c.num_classes = 10
-  c.in_channels = 1
-  c.input_size = 28
-  c.augment = "small"
-  c.batch_size = args.batch_size
-  c.eval_batch_size = 500
-  c.num_epochs = args.epochs
-  c.lr = 0.4
-  c.lr_reference_batch = 128
-  c.lr_schedule = "cosine"
-  c.warmup_steps = 100
-  c.weight_decay = 5e-5
-  c.label_smoothing = 0.0
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 500
-  c.num_workers = 1  # decode in a separate process, overlapping the training step
+  common.fashion_mnist_recipe(c, epochs=args.epochs, batch_size=args.batch_size,
+                              data_dir=args.data_dir)
   if args.smoke:
     common.smoke(c)
   return c

@@ -1,7 +1,8 @@
 """ShuffleNet v1 on ImageNet with the paper's recipe (or `recipe=official`).
 
 Args (`key=value`, comma separated): groups=1|2|3|4|8, scale=0.25..2, shuffle=true|false,
-shallow=false, recipe=paper|official, bn_mode=global|per_device, smoke=false.
+shallow=false, recipe=paper|official, bn_mode=global|per_device,
+proxy=false (Fashion-MNIST, minutes on a CPU: configs/common.py), smoke=false.
 
 One machine:
   python launch.py train --config=configs/shufflenet_v1.py:groups=3,scale=1.0 \
@@ -18,7 +19,7 @@ from shufflenet_jax.models import shufflenet_v1
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, groups=3, scale=1.0, shuffle=True, shallow=False,
-                          recipe="paper", bn_mode="global", smoke=False)
+                          **common.RUN_ARGS)
   shufflenet_v1.v1_channels(args.groups, args.scale)  # validates groups and scale early
   c = common.base_config()
   common.imagenet_recipe(c, args.recipe, args.scale)
@@ -27,8 +28,5 @@ def get_config(arg: str | None = None):
                         shallow=args.shallow, stem="imagenet")
   if args.recipe == "official":
     c.model_kwargs.shuffle_order = "official"
-  common.check_choice("bn_mode", args.bn_mode, ("global", "per_device"))
-  c.bn_mode = args.bn_mode
-  if args.smoke:
-    common.smoke(c)
+  common.finish(c, args)
   return c

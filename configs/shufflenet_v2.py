@@ -1,6 +1,7 @@
 """ShuffleNet v2 (torchvision layout) on ImageNet with the paper's recipe (or `recipe=official`).
 
-Args: scale=0.5|1.0|1.5|2.0, recipe=paper|official, bn_mode=global|per_device, smoke=false.
+Args: scale=0.5|1.0|1.5|2.0, recipe=paper|official, bn_mode=global|per_device,
+proxy=false (Fashion-MNIST, minutes on a CPU: configs/common.py), smoke=false.
 
 One machine:
   python launch.py train --config=configs/shufflenet_v2.py:scale=1.0 --workdir=workdirs/v2_1x
@@ -16,14 +17,11 @@ from shufflenet_jax.models import shufflenet_v2
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, scale=1.0, recipe="paper", bn_mode="global", smoke=False)
+  args = common.parse_arg(arg, scale=1.0, **common.RUN_ARGS)
   common.check_choice("scale", args.scale, shufflenet_v2.SCALES)
   c = common.base_config()
   common.imagenet_recipe(c, args.recipe, args.scale)
   c.model = "shufflenet_v2"
   c.model_kwargs = dict(scale=args.scale, stem="imagenet")
-  common.check_choice("bn_mode", args.bn_mode, ("global", "per_device"))
-  c.bn_mode = args.bn_mode
-  if args.smoke:
-    common.smoke(c)
+  common.finish(c, args)
   return c

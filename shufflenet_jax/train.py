@@ -313,6 +313,8 @@ def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpo
       print(f"Resuming from checkpoint at step {first_step}", flush=True)
   else:  # initialise only when there is nothing to resume
     graphdef, state = create_train_state(config, mesh, tx)
+  if chief and first_step < total_steps:  # training on (e.g. more epochs): not finished now
+    (workdir / RESULT_FILE).unlink(missing_ok=True)
   train_step = make_train_step(graphdef, tx, config, mesh)
   eval_step = make_eval_step(graphdef, config, mesh)
   if chief:
@@ -367,10 +369,29 @@ def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpo
     if chief:
       print(f"{workdir} already holds the finished run (step {first_step}).", flush=True)
   if chief and eval_results:
+    write_result(workdir, max(first_step, total_steps), eval_results)
     print(f"Done: step {max(first_step, total_steps)}, eval top-1 "
           f"{eval_results['eval/top1']:.4f}, top-5 {eval_results['eval/top5']:.4f} on "
           f"{int(eval_results['eval/num_examples'])} examples", flush=True)
   return eval_results
+
+
+RESULT_FILE = "result.json"
+
+
+def write_result(workdir: Path, step: int, eval_results: dict) -> None:
+  """workdir/result.json marks a finished run (sweeps skip it, reports read it); atomic."""
+  text = json.dumps({"step": int(step), **{k: float(v) for k, v in eval_results.items()}},
+                    indent=2, sort_keys=True) + "\n"
+  temporary = workdir / f".{RESULT_FILE}.{os.getpid()}"
+  temporary.write_text(text)
+  os.replace(temporary, workdir / RESULT_FILE)
+
+
+def read_result(workdir: str | Path) -> dict | None:
+  """The finished run's final step and eval metrics, or None while it is unfinished."""
+  path = Path(workdir) / RESULT_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def _check_finite(step_metrics, step: int, checkpointer) -> None:

@@ -4,15 +4,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from shufflenet_jax import checkpointing, metrics, parallel, train
-from tests import fake_data
+from shufflenet_jax import checkpointing, parallel, train
+from tests import fake_data, processes
 
 pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
 
@@ -41,26 +40,11 @@ def _run(cmd, timeout=240):
 
 
 def _start(cmd):
-  """A background run whose output goes to a file (a pipe nobody reads would block it)."""
   workdir = next(a.removeprefix("--workdir=") for a in cmd if a.startswith("--workdir="))
-  log_path = Path(workdir).parent / f"run_{time.monotonic_ns()}.log"
-  with open(log_path, "w") as log:
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-  process.output = lambda: log_path.read_text()
-  return process
+  return processes.start(cmd, Path(workdir).parent)
 
 
-def _wait_for_step(workdir: Path, step: int, process, timeout=180) -> None:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    lines = metrics.read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []
-    if any(line["step"] >= step for line in lines):
-      return
-    if process.poll() is not None:
-      raise AssertionError(f"run ended early:\n{process.output()[-3000:]}")
-    time.sleep(0.2)
-  raise AssertionError(f"no step {step} within {timeout}s")
+_wait_for_step = processes.wait_for_step
 
 
 def _params(workdir: Path):
