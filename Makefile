@@ -20,8 +20,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# libtpu, the TPU compiler behind `launch.py compile`, goes to its own directory: installed in
+# site-packages, every CPU run would probe for TPUs. Its version is the one this jax pins.
+LIBTPU_REQUIREMENT = $(PY) -c "import importlib.metadata as m; print(next(r.split(';')[0].strip() for r in m.requires('jax') if r.startswith('libtpu')))"
+
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --upgrade --target=$(VENV)/libtpu "$$($(LIBTPU_REQUIREMENT))"
 	touch $@
 
 setup: $(VENV)/.installed

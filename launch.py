@@ -7,6 +7,9 @@ Commands:
   sweep    expand --experiment=experiments/FILE.py[:args] into runs under --root; print their
            commands (--dry_run), run them here (--local), or on a TPU VM (--tpu, --zone)
   report   the experiment's paper table with our results beside the paper's (Markdown, CSV, PNG)
+  compile  compile the train and eval steps for a TPU topology on this machine (needs libtpu):
+           memory per device vs HBM, FLOPs and bytes per step, estimated step time; run it
+           before every pod launch (`sweep --plan --topology=...` does it for a whole sweep)
 
 sweep and report pass `--config.KEY=VALUE` overrides through to every run.
 """
@@ -20,7 +23,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("summary", "train", "eval", "sweep", "report")
+COMMANDS = ("summary", "train", "eval", "sweep", "report", "compile")
 SWEEP_COMMANDS = ("sweep", "report")
 
 FLAGS = flags.FLAGS
@@ -42,6 +45,10 @@ flags.DEFINE_string("tpu", None, "sweep: TPU VM name; prints the gcloud line of 
 flags.DEFINE_string("zone", None, "sweep: the TPU VM's zone.")
 flags.DEFINE_string("remote_dir", "shufflenet_jax", "sweep: the repository's path on the TPU VM.")
 flags.DEFINE_bool("execute", False, "sweep --tpu: run the gcloud lines instead of printing them.")
+flags.DEFINE_bool("plan", False, "sweep: estimated step time, wall time and chip-hours of "
+                  "every run on --topology.")
+flags.DEFINE_string("topology", None, "compile, sweep --plan: TPU slice, e.g. v5e:16x16, v4:4x4x4.")
+flags.DEFINE_integer("num_slices", 1, "compile, sweep --plan: slices joined over DCN.")
 flags.DEFINE_string("output", None, "report: output path without suffix (default ROOT/report).")
 
 # `--config.KEY=VALUE` given to sweep/report: passed through to every run's command line.
@@ -57,6 +64,17 @@ def _summary(config) -> None:
                       "params": result["params"], "input_size": result["input_size"]}))
 
 
+def _compile(config) -> None:
+  from shufflenet_jax import pod_check
+  if not FLAGS.topology:
+    raise app.UsageError("compile needs --topology, e.g. --topology=v5e:4x4")
+  result = pod_check.compile_check(config, FLAGS.topology, FLAGS.num_slices)
+  print(pod_check.format_report(result))
+  if FLAGS.json:
+    print(json.dumps(result))
+  pod_check.check_fits(result)
+
+
 def _sweep_or_report(command: str) -> None:
   from shufflenet_jax import sweeps  # imported late: keeps `--help` fast
   if FLAGS.config is not None:
@@ -69,9 +87,17 @@ def _sweep_or_report(command: str) -> None:
     from shufflenet_jax import report
     report.write_report(FLAGS.experiment, runs, FLAGS.root, FLAGS.output)
     return
-  modes = [m for m in ("dry_run", "local", "tpu") if FLAGS[m].value]
+  modes = [m for m in ("dry_run", "local", "tpu", "plan") if FLAGS[m].value]
   if len(modes) != 1:
-    raise app.UsageError(f"sweep needs exactly one of --dry_run, --local, --tpu (got {modes})")
+    raise app.UsageError("sweep needs exactly one of --dry_run, --local, --tpu, --plan "
+                         f"(got {modes})")
+  if FLAGS.plan:
+    from shufflenet_jax import pod_check
+    if not FLAGS.topology:
+      raise app.UsageError("--plan needs --topology, e.g. --topology=v5e:4x4")
+    table, _ = pod_check.plan(runs, PASSTHROUGH, FLAGS.topology, FLAGS.num_slices)
+    print(table)
+    return
   if FLAGS.local:
     sys.exit(1 if sweeps.run_local(runs, FLAGS.root, PASSTHROUGH) else 0)
   if FLAGS.dry_run:
@@ -127,6 +153,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/default.py")
   if command == "summary":
     _summary(FLAGS.config)
+    return
+  if command == "compile":
+    _compile(FLAGS.config)
     return
   if FLAGS.workdir is None:
     raise app.UsageError(f"{command} needs --workdir")

@@ -11,7 +11,7 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-def _convert(key: str, raw: str, default):
+def convert(key: str, raw: str, default):
   """Parses `raw` to the type of `default`; the error names the key, the value and the type."""
   try:
     if isinstance(default, bool):
@@ -41,7 +41,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, _, raw = item.partition("=")
     if key not in defaults:
       raise ValueError(f"unknown config arg {key!r}; valid args: {sorted(defaults)}")
-    values[key] = _convert(key, raw if "=" in item else "true", defaults[key])
+    values[key] = convert(key, raw if "=" in item else "true", defaults[key])
   return ml_collections.ConfigDict(values)
 
 

@@ -168,3 +168,20 @@ def check_overrides(runs: list[Run], overrides: list[str]) -> None:
                            + (f" (did you mean {hint[0]!r}?)" if hint else "")
                            + f"; valid keys: {valid}")
         node = node[part]
+
+
+def apply_overrides(config, overrides: list[str]):
+  """`--config.KEY=VALUE` strings applied to a loaded config, typed by the value they replace."""
+  from configs import common
+
+  for override in overrides:
+    path, _, raw = override.removeprefix("--config.").partition("=")
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    current = node[leaf]
+    if isinstance(current, tuple | list):
+      raise ValueError(f"{override}: tuple values cannot be overridden here; edit the config")
+    node[leaf] = common.convert(path, raw, current)
+  return config

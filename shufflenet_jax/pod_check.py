@@ -1,0 +1,296 @@
+"""Pod readiness without a pod: compile the real train and eval steps for a TPU topology here.
+
+With `libtpu` installed, `jax.experimental.topologies` describes a TPU slice's devices on any
+machine, and `jax.jit(...).lower(...).compile()` over a mesh of them runs XLA's TPU compiler. The
+compiled program reports per-device memory and XLA's cost analysis (FLOPs, HBM bytes) of one step;
+a roofline over the chip's peak compute and HBM bandwidth turns those into a step-time estimate.
+
+The estimate is a lower bound on step time: it assumes the step runs at whichever of peak FLOP/s
+or peak HBM bandwidth binds, ignores the gradient all-reduce (a few MB of parameters over ICI) and
+the input pipeline. Depthwise convolutions run far below peak FLOP/s, so expect real runs to be
+slower; BENCHMARKS.md records measured vs estimated where a device was available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from shufflenet_jax import complexity, optim, parallel, summary, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_gib: float           # per chip
+  peak_tflops: float       # bf16 dense, per chip
+  hbm_gbps: float          # GB/s, per chip
+  source: str
+
+
+# Per-chip figures from Google Cloud's TPU system-architecture pages (checked 2026-11).
+CHIPS = {
+    "v4": Chip("TPU v4", 32, 275, 1228, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("TPU v5e", 16, 197, 819, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 95, 459, 2765, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e", 32, 918, 1640, "https://cloud.google.com/tpu/docs/v6e"),
+}
+# Training examples per epoch, to turn num_epochs into steps without reading the data.
+TRAIN_EXAMPLES = {"imagenet2012": 1_281_167, "fashion_mnist": 60_000}
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+@dataclasses.dataclass
+class Topology:
+  name: str
+  chip: Chip
+  chips: int
+  devices: list
+  num_slices: int
+
+  @property
+  def devices_per_chip(self) -> int:  # v4 without megacore exposes each TensorCore
+    return max(1, len(self.devices) // (self.chips * self.num_slices))
+
+  @property
+  def hosts(self) -> int:
+    return len({d.process_index for d in self.devices})
+
+
+def _import_libtpu() -> None:
+  """libtpu from site-packages (`pip install 'jax[tpu]'`) or from VENV/libtpu (`make setup-dev`
+  puts it there, so that CPU runs in that venv never probe for TPUs)."""
+  try:
+    import libtpu  # noqa: F401
+    return
+  except ImportError:
+    pass
+  local = Path(sys.prefix) / "libtpu"
+  if not (local / "libtpu").is_dir():
+    raise ValueError("compiling for a TPU topology needs libtpu (about 600 MB; it runs on a "
+                     f"CPU-only machine): `make setup-dev` installs it into {local}, or "
+                     "pip install 'jax[tpu]'")
+  sys.path.insert(0, str(local))
+  import libtpu  # noqa: F401
+
+
+def topology(name: str, num_slices: int = 1) -> Topology:
+  """The devices of TPU slice `name` (e.g. v5e:4x4), compile-only, on this machine."""
+  match = _TOPOLOGY.match(name)
+  if not match:
+    raise ValueError(f"topology={name!r} is not CHIP:AxB[xC] with CHIP one of {sorted(CHIPS)} "
+                     "(e.g. v5e:4x4, v4:2x2x2, v5p:2x2x2, v6e:8x8)")
+  _import_libtpu()
+  from jax.experimental import topologies
+
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  description = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+  chips = math.prod(int(d) for d in match.group(2).split("x"))
+  return Topology(name, CHIPS[match.group(1)], chips, list(description.devices), num_slices)
+
+
+def _abstract_batch(batch: int, config, mesh, eval_batch: bool = False) -> dict:
+  sharding = parallel.batch_sharding(mesh)
+  shape = (batch, config.input_size, config.input_size, config.in_channels)
+  out = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+         "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
+  if eval_batch:
+    out["mask"] = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=sharding)
+  return out
+
+
+def _check_divides(batch: int, devices: int, what: str) -> None:
+  if batch <= 0 or batch % devices:
+    lower, upper = (batch // devices) * devices, (batch // devices + 1) * devices
+    raise ValueError(f"{what}={batch} is not divisible by the topology's {devices} devices; "
+                     f"use a multiple of {devices} (e.g. {lower or upper} or {upper})")
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+         "generated_code": m.generated_code_size_in_bytes}
+  # Donated arguments alias their outputs: count those bytes once.
+  out["total"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+                  + out["generated_code"])
+  return out
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return {"flops": float(cost.get("flops", 0.0)),
+          "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int = 1,
+                  include_eval: bool = True) -> dict:
+  """Compiles the config's train and eval steps for topology `name`; returns the report dict."""
+  topo = topology(name, num_slices)
+  devices = len(topo.devices)
+  _check_divides(config.batch_size, devices, "batch_size")
+  _check_divides(config.eval_batch_size, devices, "eval_batch_size")
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.conv_impl == "auto":
+    config.conv_impl = "xla"  # what `auto` picks on TPU (layers.resolve_conv_impl)
+  mesh = parallel.make_mesh(topo.devices)
+  tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
+  graphdef, state = train.abstract_train_state(config, mesh, tx)
+
+  started = time.monotonic()
+  train_step = train.make_train_step(graphdef, tx, config, mesh)
+  compiled_train = train_step.lower(state, _abstract_batch(config.batch_size, config, mesh)) \
+      .compile()
+  train_seconds = time.monotonic() - started
+  compiled_eval, eval_seconds = None, 0.0
+  if include_eval:
+    started = time.monotonic()
+    eval_step = train.make_eval_step(graphdef, config, mesh)
+    compiled_eval = eval_step.lower(
+        state, _abstract_batch(config.eval_batch_size, config, mesh, eval_batch=True)).compile()
+    eval_seconds = time.monotonic() - started
+
+  macs = complexity.model_macs(summary.abstract_model(config), config.input_size,
+                               config.in_channels)
+  chip = topo.chip
+  per_device_hbm = chip.hbm_gib * 2**30 / topo.devices_per_chip
+  per_device_flops = chip.peak_tflops * 1e12 / topo.devices_per_chip
+  per_device_bw = chip.hbm_gbps * 1e9 / topo.devices_per_chip
+  steps = {}
+  for key, compiled, batch, seconds in (("train", compiled_train, config.batch_size,
+                                         train_seconds),
+                                        ("eval", compiled_eval, config.eval_batch_size,
+                                         eval_seconds)):
+    if compiled is None:
+      continue
+    memory, cost = _memory(compiled), _cost(compiled)
+    compute_s, memory_s = cost["flops"] / per_device_flops, cost["bytes"] / per_device_bw
+    step_s = max(compute_s, memory_s)
+    steps[key] = {
+        "batch": batch, "compile_seconds": seconds, "memory": memory,
+        "fits": memory["total"] <= per_device_hbm, "flops_per_device": cost["flops"],
+        "bytes_per_device": cost["bytes"], "compute_bound_s": compute_s,
+        "memory_bound_s": memory_s, "step_s": step_s,
+        "bound": "compute" if compute_s >= memory_s else "HBM bandwidth",
+        "img_per_s_per_chip": batch / step_s / (devices / topo.devices_per_chip)
+        if step_s else float("inf"),
+    }
+  return {"config_model": config.model, "model_kwargs": dict(config.model_kwargs),
+          "topology": name, "num_slices": num_slices, "chip": dataclasses.asdict(chip),
+          "devices": devices, "devices_per_chip": topo.devices_per_chip, "hosts": topo.hosts,
+          "per_device_hbm_bytes": per_device_hbm, "macs_per_image": macs,
+          "compute_dtype": config.compute_dtype, "conv_impl": config.conv_impl, **steps}
+
+
+def check_fits(result: dict) -> None:
+  """Raises with the numbers when the train or eval step needs more HBM than a device has."""
+  for key in ("train", "eval"):
+    step = result[key]
+    if not step["fits"]:
+      raise ValueError(
+          f"the {key} step needs {step['memory']['total'] / 2**30:.2f} GiB per device but a "
+          f"{result['chip']['name']} device has {result['per_device_hbm_bytes'] / 2**30:.1f} GiB;"
+          f" lower the batch ({key} batch {step['batch']}) or use a larger topology")
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2**30:.3f} GiB"
+
+
+def format_report(result: dict) -> str:
+  chip = result["chip"]
+  lines = [
+      f"{result['config_model']} {result['model_kwargs']} on {result['topology']}"
+      + (f" x {result['num_slices']} slices" if result["num_slices"] > 1 else "")
+      + f": {result['devices']} devices ({result['devices_per_chip']} per chip), "
+      f"{result['hosts']} host(s); {result['compute_dtype']}, conv_impl={result['conv_impl']}",
+      f"chip: {chip['name']}, {chip['hbm_gib']} GiB HBM, {chip['peak_tflops']} bf16 TFLOP/s, "
+      f"{chip['hbm_gbps']} GB/s ({chip['source']})",
+      f"{'':22}{'train step':>16}{'eval step':>16}",
+  ]
+  t, e = result["train"], result["eval"]
+  rows = [
+      ("global batch", str(t["batch"]), str(e["batch"])),
+      ("compile time", f"{t['compile_seconds']:.1f} s", f"{e['compile_seconds']:.1f} s"),
+      ("arguments", _gib(t["memory"]["arguments"]), _gib(e["memory"]["arguments"])),
+      ("temporaries", _gib(t["memory"]["temporaries"]), _gib(e["memory"]["temporaries"])),
+      ("generated code", _gib(t["memory"]["generated_code"]),
+       _gib(e["memory"]["generated_code"])),
+      ("total per device", _gib(t["memory"]["total"]), _gib(e["memory"]["total"])),
+      ("HBM per device", _gib(result["per_device_hbm_bytes"]),
+       _gib(result["per_device_hbm_bytes"])),
+      ("GFLOPs per device", f"{t['flops_per_device'] / 1e9:.4g}",
+       f"{e['flops_per_device'] / 1e9:.4g}"),
+      ("GB HBM traffic/device", f"{t['bytes_per_device'] / 1e9:.4g}",
+       f"{e['bytes_per_device'] / 1e9:.4g}"),
+      ("est. step time", f"{t['step_s'] * 1e3:.2f} ms", f"{e['step_s'] * 1e3:.2f} ms"),
+      ("bound by", t["bound"], e["bound"]),
+      ("est. img/s per chip", f"{t['img_per_s_per_chip']:.0f}",
+       f"{e['img_per_s_per_chip']:.0f}"),
+  ]
+  lines += [f"{name:22}{a:>16}{b:>16}" for name, a, b in rows]
+  lines.append("Estimates are a roofline lower bound on step time (peak FLOP/s or HBM "
+               "bandwidth, whichever binds; no all-reduce, no input pipeline).")
+  return "\n".join(lines)
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """Training steps of a config, without reading its data (known dataset sizes)."""
+  if config.total_steps:
+    return config.total_steps
+  if config.dataset not in TRAIN_EXAMPLES:
+    raise ValueError(f"dataset={config.dataset!r} has no known size; set total_steps to plan it")
+  return math.ceil(config.num_epochs * (TRAIN_EXAMPLES[config.dataset] // config.batch_size))
+
+
+def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[str, list[dict]]:
+  """Markdown table of every sweep run's estimated step time, steps, wall time and chip-hours
+  on topology `name` (each run's train step compiled for it); also the rows as dicts."""
+  from configs import common
+  from shufflenet_jax import sweeps
+
+  rows, cache = [], {}
+  for index, run in enumerate(runs, 1):
+    config = sweeps.apply_overrides(common.load_config(run.config), overrides)
+    key = (config.model, str(sorted(dict(config.model_kwargs).items())), config.batch_size,
+           config.eval_batch_size, config.input_size, config.in_channels, config.num_classes,
+           config.compute_dtype, config.bn_mode, config.conv_impl)
+    if key not in cache:
+      print(f"[{index}/{len(runs)}] compiling {run.name} for {name}", flush=True)
+      cache[key] = compile_check(config, name, num_slices, include_eval=False)
+    result = cache[key]
+    steps = total_steps(config)
+    chips = result["devices"] // result["devices_per_chip"]
+    wall_h = result["train"]["step_s"] * steps / 3600
+    rows.append({"run": run.name, "batch": config.batch_size, "chips": chips,
+                 "step_ms": result["train"]["step_s"] * 1e3, "steps": steps,
+                 "wall_hours": wall_h, "chip_hours": wall_h * chips,
+                 "img_per_s_per_chip": result["train"]["img_per_s_per_chip"],
+                 "memory_gib": result["train"]["memory"]["total"] / 2**30,
+                 "fits": result["train"]["fits"]})
+  slices = f" x {num_slices} slices" if num_slices > 1 else ""
+  lines = [f"Estimated on {name}{slices} ({CHIPS[name.split(':')[0]].name}; roofline lower bound "
+           "on step time: real runs are slower)",
+           "",
+           "| run | global batch | chips | est. step (ms) | est. img/s/chip | steps | "
+           "est. wall (h) | est. chip-hours | memory/device (GiB) | fits |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['run']} | {r['batch']} | {r['chips']} | {r['step_ms']:.2f} | "
+                 f"{r['img_per_s_per_chip']:.0f} | {r['steps']} | {r['wall_hours']:.3g} | "
+                 f"{r['chip_hours']:.3g} | {r['memory_gib']:.2f} | "
+                 f"{'yes' if r['fits'] else 'NO'} |")
+  total_wall = sum(r["wall_hours"] for r in rows)
+  total_chip = sum(r["chip_hours"] for r in rows)
+  lines.append(f"| **all {len(rows)} runs, one after another** | | | | | | {total_wall:.3g} | "
+               f"{total_chip:.3g} | | |")
+  return "\n".join(lines), rows

@@ -1,0 +1,76 @@
+"""Compiling for a TPU topology on this CPU machine (libtpu, installed by `make test` into
+.venv/libtpu so that it never touches training runs), through the real command line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import processes
+
+pytestmark = pytest.mark.slow  # XLA:TPU compiles: tens of seconds
+
+LIBTPU = Path(sys.prefix) / "libtpu"
+TINY = "--config=configs/default.py:smoke"
+
+
+def _launch(*args, timeout=600):
+  assert (LIBTPU / "libtpu").is_dir(), (
+      f"libtpu is not installed in {LIBTPU}; `make test` installs it (see Makefile)")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # launch.py finds .venv/libtpu itself
+  return subprocess.run([sys.executable, "launch.py", *args], cwd=processes.ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_config_compiles_for_a_tpu_slice_with_consistent_memory_and_flops():
+  out = _launch("compile", TINY, "--topology=v5e:2x2", "--json")
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 4 and result["chip"]["name"] == "TPU v5e"
+  for step in ("train", "eval"):
+    memory = result[step]["memory"]
+    assert memory["arguments"] > 0 and memory["temporaries"] > 0 and memory["total"] > 0
+    assert result[step]["fits"] and result[step]["step_s"] > 0
+  # XLA's FLOPs of a train step vs 6 x counted MACs x batch (forward 2, backward 4 per MAC).
+  train = result["train"]
+  ratio = train["flops_per_device"] * result["devices"] / (6 * result["macs_per_image"] *
+                                                           train["batch"])
+  assert 0.5 < ratio < 3, ratio
+  eval_ratio = result["eval"]["flops_per_device"] * result["devices"] / (
+      2 * result["macs_per_image"] * result["eval"]["batch"])
+  assert 0.5 < eval_ratio < 3, eval_ratio
+  assert "est. img/s per chip" in out.stdout
+
+
+def test_a_batch_the_devices_do_not_divide_is_a_one_line_error():
+  out = _launch("compile", TINY, "--config.batch_size=18", "--topology=v5e:2x2")
+  assert out.returncode == 1
+  assert ("error: batch_size=18 is not divisible by the topology's 4 devices; use a multiple of "
+          "4 (e.g. 16 or 20)") in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_an_unknown_topology_names_the_valid_chips():
+  out = _launch("compile", TINY, "--topology=v9:2x2")
+  assert out.returncode == 1
+  assert "is not CHIP:AxB[xC] with CHIP one of ['v4', 'v5e', 'v5p', 'v6e']" in out.stderr
+
+
+def test_sweep_plan_estimates_every_run(tmp_path):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text("from configs.default import get_config  # noqa: F401\n\n\n"
+                        "def sweep(add):\n"
+                        "  add(row='a', col='x', family='f', smoke=True)\n"
+                        "  add(row='b', col='x', family='f', smoke=True, groups=2)\n")
+  out = _launch("sweep", f"--experiment={experiment}", "--root=/unused", "--plan",
+                "--topology=v5e:2x2", "--config.total_steps=1000")
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [line for line in out.stdout.splitlines() if line.startswith("| smoke-true")]
+  assert len(lines) == 2
+  cells = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert cells[1:3] == ["16", "4"] and cells[5] == "1000" and cells[-1] == "yes"
+  assert float(cells[7]) > 0  # chip-hours
+  assert "all 2 runs" in out.stdout
