@@ -7,11 +7,15 @@ Commands:
   sweep    expand --experiment=experiments/FILE.py[:args] into runs under --root; print their
            commands (--dry_run), run them here (--local), or on a TPU VM (--tpu, --zone)
   report   the experiment's paper table with our results beside the paper's (Markdown, CSV, PNG)
+  import   PyTorch weights -> a new --workdir: --from=torchvision --weights=FILE.pth
+  predict  top-5 classes of image files: predict --workdir=W IMAGE...
+  export   the model of --workdir as a serialized program: --format=stablehlo
   compile  compile the train and eval steps for a TPU topology on this machine (needs libtpu):
            memory per device vs HBM, FLOPs and bytes per step, estimated step time; run it
            before every pod launch (`sweep --plan --topology=...` does it for a whole sweep)
 
-sweep and report pass `--config.KEY=VALUE` overrides through to every run.
+sweep and report pass `--config.KEY=VALUE` overrides through to every run. eval, predict and
+export read the workdir's config.json when --config is not given.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("summary", "train", "eval", "sweep", "report", "compile")
+COMMANDS = ("summary", "train", "eval", "sweep", "report", "compile", "import", "predict",
+            "export")
 SWEEP_COMMANDS = ("sweep", "report")
 
 FLAGS = flags.FLAGS
@@ -49,7 +54,11 @@ flags.DEFINE_bool("plan", False, "sweep: estimated step time, wall time and chip
                   "every run on --topology.")
 flags.DEFINE_string("topology", None, "compile, sweep --plan: TPU slice, e.g. v5e:16x16, v4:4x4x4.")
 flags.DEFINE_integer("num_slices", 1, "compile, sweep --plan: slices joined over DCN.")
-flags.DEFINE_string("output", None, "report: output path without suffix (default ROOT/report).")
+flags.DEFINE_string("output", None, "report: output path without suffix (default ROOT/report); "
+                    "export: the artifact's path (default WORKDIR/export/...).")
+flags.DEFINE_enum("from", "torchvision", ["torchvision"], "import: where the weights come from.")
+flags.DEFINE_string("weights", None, "import: the .pth state_dict file.")
+flags.DEFINE_string("format", "stablehlo", "export: stablehlo.")
 
 # `--config.KEY=VALUE` given to sweep/report: passed through to every run's command line.
 PASSTHROUGH: list[str] = []
@@ -73,6 +82,25 @@ def _compile(config) -> None:
   if FLAGS.json:
     print(json.dumps(result))
   pod_check.check_fits(result)
+
+
+def _interop(command: str, images: list[str]) -> None:
+  from shufflenet_jax import train
+  if FLAGS.workdir is None:
+    raise app.UsageError(f"{command} needs --workdir")
+  if command == "import":
+    from shufflenet_jax.interop import importing
+    if not FLAGS.weights:
+      raise app.UsageError("import needs --weights=FILE.pth")
+    importing.import_weights(FLAGS["from"].value, FLAGS.weights, FLAGS.workdir, FLAGS.config)
+    return
+  config = FLAGS.config or train.load_workdir_config(FLAGS.workdir)
+  if command == "predict":
+    from shufflenet_jax import predict
+    predict.predict(config, FLAGS.workdir, images)
+  else:
+    from shufflenet_jax.interop import export
+    export.export(config, FLAGS.workdir, FLAGS.format, FLAGS.output)
 
 
 def _sweep_or_report(command: str) -> None:
@@ -143,11 +171,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if not FLAGS["verbosity"].present:  # absl defaults to INFO: Orbax would flood the console
     logging.set_verbosity(logging.WARNING)
-  if len(argv) != 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2 or argv[1] not in COMMANDS or (len(argv) > 2 and argv[1] != "predict"):
     raise app.UsageError(f"expected one command from {COMMANDS}, got {argv[1:]}")
   command = argv[1]
+  if command in ("import", "predict", "export"):
+    _interop(command, argv[2:])
+    return
   if command in SWEEP_COMMANDS:
     _sweep_or_report(command)
+    return
+  from shufflenet_jax import train
+  if command == "eval" and FLAGS.config is None and FLAGS.workdir:
+    train.evaluate_checkpoint(train.load_workdir_config(FLAGS.workdir), FLAGS.workdir)
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/default.py")
@@ -159,7 +194,6 @@ def main(argv: list[str]) -> None:
     return
   if FLAGS.workdir is None:
     raise app.UsageError(f"{command} needs --workdir")
-  from shufflenet_jax import train
   if command == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:

@@ -44,10 +44,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, iterator, *, force: bool = False) -> bool:
-    """Starts an async save when `step` is on the interval (or `force`); True if it did."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))), force=force)
+    """Starts an async save when `step` is on the interval (or `force`); True if it did.
+    `iterator=None` (imported weights) saves the state alone."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state, iterator=None, step: int | None = None):
     """(step, state) from the newest readable checkpoint (or `step`); older ones if the newest is
@@ -55,8 +57,8 @@ class Checkpointer:
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     for candidate in steps:
       items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+      if iterator is not None and (self.directory / str(candidate) / "data").exists():
+        items["data"] = grain.checkpoint.CheckpointRestore(iterator)  # else: a fresh iterator
       try:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
       except Exception as e:  # a truncated or corrupted checkpoint: set it aside, go back one

@@ -211,7 +211,7 @@ def _config_differences(saved: dict, current: dict) -> list[str]:
           if saved.get(k) != current.get(k)]
 
 
-def _prepare_workdir(config, workdir: Path, checkpointer) -> None:
+def prepare_workdir(config, workdir: Path, checkpointer) -> None:
   """Writes config.json; refuses to resume a workdir that holds a different run."""
   current = json.loads(config.to_json_best_effort())
   path = workdir / "config.json"
@@ -234,6 +234,17 @@ def _prepare_workdir(config, workdir: Path, checkpointer) -> None:
     temporary = workdir / f".config.json.{os.getpid()}"
     temporary.write_text(text)
     os.replace(temporary, path)  # atomic: readers see the old file or the new one, never half
+
+
+def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a workdir's run was trained (or imported) with, from its config.json."""
+  path = Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: pass --config, or a --workdir that holds a "
+                            "run (train or import first)")
+  values = json.loads(path.read_text())
+  values["crop_area"] = tuple(values.get("crop_area", (0.08, 1.0)))
+  return ml_collections.ConfigDict(values)
 
 
 class _PreemptionFlag:
@@ -281,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with workdir_lock(workdir):
     checkpointer = checkpointing.Checkpointer(str(workdir), keep=config.keep_checkpoints,
                                               every_steps=config.checkpoint_every_steps)
-    _prepare_workdir(config, workdir, checkpointer)
+    prepare_workdir(config, workdir, checkpointer)
     writer = metrics.MetricWriter(str(workdir), enabled=parallel.is_chief())
     try:
       return _train(config, workdir, mesh, dataset, per_process_batch, checkpointer, writer)

@@ -1,0 +1,1 @@
+"""Weights in (PyTorch checkpoints) and models out (StableHLO), without importing PyTorch."""

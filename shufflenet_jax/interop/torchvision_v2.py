@@ -1,0 +1,86 @@
+"""torchvision's ShuffleNetV2 state_dict -> our ShuffleNetV2 (same layout, so a 1:1 copy).
+
+Kernels go from PyTorch's (out, in/groups, kh, kw) to our (kh, kw, in/groups, out); the
+classifier's (out, in) weight is transposed; BN's weight/bias/running_mean/running_var become
+scale/bias/mean/var. Every key is used exactly once and every shape is checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from shufflenet_jax.models import shufflenet_v2
+from shufflenet_jax.models.layers import ConvBN
+
+
+class _Source:
+  """The state_dict, tracking which keys were consumed."""
+
+  def __init__(self, state_dict: dict[str, np.ndarray]):
+    self.arrays = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    self.used: set[str] = set()
+
+  def take(self, key: str) -> np.ndarray:
+    if key not in self.arrays:
+      raise ValueError(f"the weights have no {key!r}; is this a torchvision ShuffleNetV2 "
+                       "state_dict?")
+    self.used.add(key)
+    return self.arrays[key]
+
+  def check_all_used(self) -> None:
+    unused = sorted(set(self.arrays) - self.used)
+    if unused:
+      raise ValueError(f"weights not used by the conversion: {unused[:8]}"
+                       f"{' ...' if len(unused) > 8 else ''}")
+
+
+def _assign(variable: nnx.Variable, value: np.ndarray, key: str) -> None:
+  if tuple(variable.shape) != tuple(value.shape):
+    raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit {tuple(variable.shape)}")
+  variable[...] = np.asarray(value, np.float32)
+
+
+def assign_conv_bn(layer: ConvBN, source: _Source, conv: str, bn: str) -> None:
+  """PyTorch Conv2d at `conv` and BatchNorm2d at `bn` -> our ConvBN."""
+  _assign(layer.conv.kernel, source.take(f"{conv}.weight").transpose(2, 3, 1, 0), conv)
+  for ours, theirs in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+                       ("var", "running_var")):
+    _assign(getattr(layer.bn, ours), source.take(f"{bn}.{theirs}"), f"{bn}.{theirs}")
+
+
+def assign_fc(fc, source: _Source, key: str = "fc", bias: bool = True) -> None:
+  _assign(fc.linear.kernel, source.take(f"{key}.weight").T, f"{key}.weight")
+  if bias:
+    _assign(fc.linear.bias, source.take(f"{key}.bias"), f"{key}.bias")
+
+
+def model_kwargs(state_dict: dict[str, np.ndarray]) -> dict:
+  """scale and num_classes of a torchvision ShuffleNetV2 state_dict, from its shapes."""
+  if "stage2.0.branch1.2.weight" not in state_dict or "fc.weight" not in state_dict:
+    raise ValueError("not a torchvision ShuffleNetV2 state_dict (no stage2.0.branch1.2.weight "
+                     "or fc.weight)")
+  stage2 = 2 * state_dict["stage2.0.branch1.2.weight"].shape[0]
+  scales = [s for s, channels in shufflenet_v2.CHANNELS.items() if channels[1] == stage2]
+  if not scales:
+    raise ValueError(f"stage2 width {stage2} matches no ShuffleNetV2 width "
+                     f"{ {s: c[1] for s, c in shufflenet_v2.CHANNELS.items()} }")
+  return {"scale": scales[0], "num_classes": int(state_dict["fc.weight"].shape[0]),
+          "in_channels": int(state_dict["conv1.0.weight"].shape[1])}
+
+
+def load_into(model: shufflenet_v2.ShuffleNetV2, state_dict: dict[str, np.ndarray]) -> None:
+  """Copies every torchvision weight into `model` (built with the matching scale)."""
+  source = _Source(state_dict)
+  assign_conv_bn(model.conv1, source, "conv1.0", "conv1.1")
+  for s, stage in enumerate(model.stages):
+    for u, unit in enumerate(stage):
+      prefix = f"stage{s + 2}.{u}"
+      if unit.branch1 is not None:
+        assign_conv_bn(unit.branch1[0], source, f"{prefix}.branch1.0", f"{prefix}.branch1.1")
+        assign_conv_bn(unit.branch1[1], source, f"{prefix}.branch1.2", f"{prefix}.branch1.3")
+      for layer, (conv, bn) in zip(unit.branch2, ((0, 1), (3, 4), (5, 6))):
+        assign_conv_bn(layer, source, f"{prefix}.branch2.{conv}", f"{prefix}.branch2.{bn}")
+  assign_conv_bn(model.conv5, source, "conv5.0", "conv5.1")
+  assign_fc(model.fc, source)
+  source.check_all_used()

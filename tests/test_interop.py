@@ -1,0 +1,96 @@
+"""PyTorch weights in (without PyTorch), prediction, and StableHLO export round trips.
+
+The fixture comes from tests/fixtures/make_torchvision_fixture.py, run once in a separate
+PyTorch environment: torchvision's own ShuffleNetV2 0.5x, its state_dict, inputs and logits.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shufflenet_jax.interop import export, torch_pickle, torchvision_v2
+from shufflenet_jax.models import get_model
+from tests import processes
+
+FIXTURES = Path(__file__).parent / "fixtures"
+WEIGHTS = FIXTURES / "torchvision_v2_x0_5.pth"
+
+
+@pytest.fixture(scope="module")
+def fixture():
+  return torch_pickle.load_state_dict(WEIGHTS), np.load(FIXTURES / "torchvision_v2_x0_5.npz")
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
+def test_torchvision_weights_give_torchvisions_logits(fixture, conv_impl):
+  state_dict, expected = fixture
+  kwargs = torchvision_v2.model_kwargs(state_dict)
+  assert kwargs == {"scale": 0.5, "num_classes": 10, "in_channels": 3}
+  model = get_model("shufflenet_v2", scale=0.5, num_classes=10, conv_impl=conv_impl)
+  torchvision_v2.load_into(model, state_dict)
+  logits = np.asarray(model(expected["images_nchw"].transpose(0, 2, 3, 1), train=False))
+  np.testing.assert_allclose(logits, expected["logits"], rtol=1e-4, atol=1e-5)
+  assert np.abs(expected["logits"]).max() > 0.05  # a real signal, not all zeros
+
+
+def test_legacy_torch_save_format_reads_strided_tensors_and_scalars():
+  state = torch_pickle.load_state_dict(FIXTURES / "legacy_format.pth")
+  np.testing.assert_array_equal(state["weight"], np.arange(12, dtype=np.float32).reshape(3, 4).T)
+  assert state["count"] == 7 and state["count"].dtype == np.int64
+
+
+def test_wrong_weights_are_refused_with_the_key(fixture):
+  state_dict, _ = fixture
+  model = get_model("shufflenet_v2", scale=0.5, num_classes=10)
+  missing = {k: v for k, v in state_dict.items() if k != "conv5.1.running_var"}
+  with pytest.raises(ValueError, match="conv5.1.running_var"):
+    torchvision_v2.load_into(model, missing)
+  extra = {**state_dict, "head.weight": np.zeros(3, np.float32)}
+  with pytest.raises(ValueError, match="not used by the conversion: \\['head.weight'\\]"):
+    torchvision_v2.load_into(model, extra)
+  wrong_model = get_model("shufflenet_v2", scale=1.0, num_classes=10)
+  with pytest.raises(ValueError, match="does not fit"):
+    torchvision_v2.load_into(wrong_model, state_dict)
+
+
+def _launch(*args):
+  return subprocess.run([sys.executable, "launch.py", *args], cwd=processes.ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_import_predict_and_export_through_the_command_line(fixture, tmp_path):
+  workdir = tmp_path / "imported"
+  out = _launch("import", "--from=torchvision", f"--weights={WEIGHTS}", f"--workdir={workdir}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "ShuffleNetV2 0.5x, 10 classes" in out.stdout
+  again = _launch("import", f"--weights={WEIGHTS}", f"--workdir={workdir}")
+  assert again.returncode == 1 and "already holds checkpoints" in again.stderr
+
+  image = tmp_path / "photo.png"
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (300, 260, 3), dtype=np.uint8)).save(image)
+  out = _launch("predict", f"--workdir={workdir}", str(image), str(image))
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [line for line in out.stdout.splitlines() if line.startswith(str(image))]
+  assert len(lines) == 2 and lines[0] == lines[1]
+  probabilities = [float(item.split()[-1]) for item in lines[0].split(": ", 1)[1].split(", ")]
+  assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
+  assert 0 < sum(probabilities) <= 1.0001
+
+  artifact = tmp_path / "v2.stablehlo"
+  out = _launch("export", f"--workdir={workdir}", "--format=stablehlo", f"--output={artifact}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "reloaded and checked" in out.stdout
+  # The artifact runs without our code and matches the torchvision-converted model.
+  state_dict, _ = fixture
+  model = get_model("shufflenet_v2", scale=0.5, num_classes=10)
+  torchvision_v2.load_into(model, state_dict)
+  images = rng.normal(size=(3, 224, 224, 3)).astype(np.float32)
+  exported = export.load_stablehlo(artifact)
+  np.testing.assert_allclose(np.asarray(exported.call(images)),
+                             np.asarray(model(images, train=False)), rtol=1e-4, atol=1e-5)
