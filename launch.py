@@ -7,7 +7,8 @@ Commands:
   sweep    expand --experiment=experiments/FILE.py[:args] into runs under --root; print their
            commands (--dry_run), run them here (--local), or on a TPU VM (--tpu, --zone)
   report   the experiment's paper table with our results beside the paper's (Markdown, CSV, PNG)
-  import   PyTorch weights -> a new --workdir: --from=torchvision --weights=FILE.pth
+  import   PyTorch weights -> a new --workdir: --from=torchvision|megvii_v1|megvii_v2
+           --weights=FILE.pth
   predict  top-5 classes of image files: predict --workdir=W IMAGE...
   export   the model of --workdir as a serialized program: --format=stablehlo
   compile  compile the train and eval steps for a TPU topology on this machine (needs libtpu):
@@ -56,7 +57,9 @@ flags.DEFINE_string("topology", None, "compile, sweep --plan: TPU slice, e.g. v5
 flags.DEFINE_integer("num_slices", 1, "compile, sweep --plan: slices joined over DCN.")
 flags.DEFINE_string("output", None, "report: output path without suffix (default ROOT/report); "
                     "export: the artifact's path (default WORKDIR/export/...).")
-flags.DEFINE_enum("from", "torchvision", ["torchvision"], "import: where the weights come from.")
+flags.DEFINE_enum("from", "torchvision", ["torchvision", "megvii_v1", "megvii_v2"],
+                  "import: where the weights come from (torchvision ShuffleNetV2, or the official "
+                  "Megvii ShuffleNet-Series V1/V2 checkpoints).")
 flags.DEFINE_string("weights", None, "import: the .pth state_dict file.")
 flags.DEFINE_string("format", "stablehlo", "export: stablehlo.")
 

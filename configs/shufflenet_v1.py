@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
   c.model = "shufflenet_v1"
   c.model_kwargs = dict(groups=args.groups, scale=args.scale, shuffle=args.shuffle,
                         shallow=args.shallow, stem="imagenet")
-  if args.recipe == "official":
+  if args.recipe == "official":  # the official code's layer order (loads its checkpoints)
     c.model_kwargs.shuffle_order = "official"
+    c.model_kwargs.fc_bias = False
   common.finish(c, args)
   return c

@@ -23,5 +23,7 @@ def get_config(arg: str | None = None):
   common.imagenet_recipe(c, args.recipe, args.scale)
   c.model = "shufflenet_v2"
   c.model_kwargs = dict(scale=args.scale, stem="imagenet")
+  if args.recipe == "official":  # the official code's layout (loads its checkpoints)
+    c.model_kwargs.layout = "official"
   common.finish(c, args)
   return c

@@ -51,10 +51,16 @@ def test_config_files_reject_bad_values(spec, message):
 
 @pytest.mark.parametrize("path", CONFIG_FILES)
 def test_every_config_builds_with_and_without_smoke(path):
-  for arg in ("", "smoke"):
+  from shufflenet_jax.models import MODELS
+  paper_config = "proxy=false" in (ROOT / path).read_text()
+  for arg in ("", "smoke") + (("proxy",) if paper_config else ()):
     config = load(f"{path}:{arg}")
-    assert config.model in ("shufflenet_v1", "shufflenet_v2")
+    assert config.model in MODELS
     assert config.batch_size > 0
+  if paper_config:  # proxy = the same model on Fashion-MNIST: minutes on a CPU
+    proxy = load(f"{path}:proxy")
+    assert (proxy.dataset, proxy.input_size, proxy.in_channels) == ("fashion_mnist", 28, 1)
+    assert proxy.model_kwargs.stem == "imagenet"  # same model, cost / 64
   assert "python launch.py train" in (ROOT / path).read_text()  # docstring shows the launch
 
 

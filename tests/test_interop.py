@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shufflenet_jax.interop import export, torch_pickle, torchvision_v2
+from configs import common
+from shufflenet_jax import predict
+from shufflenet_jax.data import preprocess
+from shufflenet_jax.interop import export, megvii, torch_pickle, torchvision_v2
 from shufflenet_jax.models import get_model
 from tests import processes
 
@@ -35,6 +38,45 @@ def test_torchvision_weights_give_torchvisions_logits(fixture, conv_impl):
   logits = np.asarray(model(expected["images_nchw"].transpose(0, 2, 3, 1), train=False))
   np.testing.assert_allclose(logits, expected["logits"], rtol=1e-4, atol=1e-5)
   assert np.abs(expected["logits"]).max() > 0.05  # a real signal, not all zeros
+
+
+OFFICIAL = {  # fixture -> (model kwargs reader, loader, model, layout options)
+    "megvii_v1_g3_0.5x": (megvii.v1_model_kwargs, megvii.load_v1_into, "shufflenet_v1",
+                          dict(shuffle_order="official", fc_bias=False)),
+    "megvii_v2_0.5x": (megvii.v2_model_kwargs, megvii.load_v2_into, "shufflenet_v2",
+                       dict(layout="official")),
+}
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_megvii_weights_give_the_official_models_logits(name, conv_impl):
+  read_kwargs, load_into, model_name, layout = OFFICIAL[name]
+  state_dict = torch_pickle.load_state_dict(FIXTURES / f"{name}.pth")  # "module." keys
+  kwargs = read_kwargs(state_dict)
+  assert kwargs["scale"] == 0.5 and kwargs["num_classes"] == 10
+  model = get_model(model_name, **kwargs, **layout, conv_impl=conv_impl)
+  load_into(model, state_dict)
+  expected = np.load(FIXTURES / f"{name}.npz")
+  logits = np.asarray(model(expected["images_bgr_nchw"].transpose(0, 2, 3, 1), train=False))
+  np.testing.assert_allclose(logits, expected["logits"], rtol=1e-4, atol=2e-5)
+  # The paper's channel order cannot hold these weights: the layout option is what makes them fit.
+  if model_name == "shufflenet_v1":
+    wrong = get_model(model_name, **kwargs, conv_impl=conv_impl)
+    with pytest.raises(ValueError, match="shuffle_order='official'"):
+      load_into(wrong, state_dict)
+
+
+def test_official_recipe_evaluates_bgr_0_255_with_the_official_layouts(tmp_path):
+  v1 = common.load_config("configs/shufflenet_v1.py:groups=3,scale=0.5,recipe=official")
+  assert v1.model_kwargs.shuffle_order == "official" and v1.model_kwargs.fc_bias is False
+  v2 = common.load_config("configs/shufflenet_v2.py:scale=0.5,recipe=official")
+  assert v2.model_kwargs.layout == "official"
+  image = np.random.default_rng(0).integers(0, 255, (300, 280, 3), dtype=np.uint8)
+  path = tmp_path / "photo.png"
+  Image.fromarray(image).save(path)
+  expected = preprocess.resize_center_crop(image, 256, 224)[..., ::-1].astype(np.float32)
+  np.testing.assert_array_equal(predict.model_input(v1, str(path)), expected)
 
 
 def test_legacy_torch_save_format_reads_strided_tensors_and_scalars():
@@ -81,6 +123,14 @@ def test_import_predict_and_export_through_the_command_line(fixture, tmp_path):
   probabilities = [float(item.split()[-1]) for item in lines[0].split(": ", 1)[1].split(", ")]
   assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
   assert 0 < sum(probabilities) <= 1.0001
+
+  official = tmp_path / "official_v1"
+  out = _launch("import", "--from=megvii_v1", f"--weights={FIXTURES / 'megvii_v1_g3_0.5x.pth'}",
+                f"--workdir={official}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "megvii_v1 ShuffleNetV1 0.5x g=3, 10 classes" in out.stdout
+  saved = (official / "config.json").read_text()
+  assert '"input_format": "bgr_255"' in saved and '"shuffle_order": "official"' in saved
 
   artifact = tmp_path / "v2.stablehlo"
   out = _launch("export", f"--workdir={workdir}", "--format=stablehlo", f"--output={artifact}")

@@ -8,51 +8,9 @@ scale/bias/mean/var. Every key is used exactly once and every shape is checked.
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 
+from shufflenet_jax.interop.weights import WeightSource, assign_conv_bn, assign_fc
 from shufflenet_jax.models import shufflenet_v2
-from shufflenet_jax.models.layers import ConvBN
-
-
-class _Source:
-  """The state_dict, tracking which keys were consumed."""
-
-  def __init__(self, state_dict: dict[str, np.ndarray]):
-    self.arrays = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    self.used: set[str] = set()
-
-  def take(self, key: str) -> np.ndarray:
-    if key not in self.arrays:
-      raise ValueError(f"the weights have no {key!r}; is this a torchvision ShuffleNetV2 "
-                       "state_dict?")
-    self.used.add(key)
-    return self.arrays[key]
-
-  def check_all_used(self) -> None:
-    unused = sorted(set(self.arrays) - self.used)
-    if unused:
-      raise ValueError(f"weights not used by the conversion: {unused[:8]}"
-                       f"{' ...' if len(unused) > 8 else ''}")
-
-
-def _assign(variable: nnx.Variable, value: np.ndarray, key: str) -> None:
-  if tuple(variable.shape) != tuple(value.shape):
-    raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit {tuple(variable.shape)}")
-  variable[...] = np.asarray(value, np.float32)
-
-
-def assign_conv_bn(layer: ConvBN, source: _Source, conv: str, bn: str) -> None:
-  """PyTorch Conv2d at `conv` and BatchNorm2d at `bn` -> our ConvBN."""
-  _assign(layer.conv.kernel, source.take(f"{conv}.weight").transpose(2, 3, 1, 0), conv)
-  for ours, theirs in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
-                       ("var", "running_var")):
-    _assign(getattr(layer.bn, ours), source.take(f"{bn}.{theirs}"), f"{bn}.{theirs}")
-
-
-def assign_fc(fc, source: _Source, key: str = "fc", bias: bool = True) -> None:
-  _assign(fc.linear.kernel, source.take(f"{key}.weight").T, f"{key}.weight")
-  if bias:
-    _assign(fc.linear.bias, source.take(f"{key}.bias"), f"{key}.bias")
 
 
 def model_kwargs(state_dict: dict[str, np.ndarray]) -> dict:
@@ -71,7 +29,7 @@ def model_kwargs(state_dict: dict[str, np.ndarray]) -> dict:
 
 def load_into(model: shufflenet_v2.ShuffleNetV2, state_dict: dict[str, np.ndarray]) -> None:
   """Copies every torchvision weight into `model` (built with the matching scale)."""
-  source = _Source(state_dict)
+  source = WeightSource(state_dict)
   assign_conv_bn(model.conv1, source, "conv1.0", "conv1.1")
   for s, stage in enumerate(model.stages):
     for u, unit in enumerate(stage):
