@@ -11,7 +11,7 @@ CONFIG ?= configs/default.py
 FASHION_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
                  t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 
-.PHONY: train test lint data setup setup-dev clean
+.PHONY: train test lint data setup setup-dev setup-tflite clean
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; JAX >= 0.11 needs Python >= 3.12 (pyenv install 3.12, or PYTHON=/path/to/python3.12)"; exit 1; }
@@ -29,8 +29,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install -q --upgrade --target=$(VENV)/libtpu "$$($(LIBTPU_REQUIREMENT))"
 	touch $@
 
+# TensorFlow for `launch.py export --format=tflite`, in its own venv (requirements-tflite.txt).
+TFLITE_VENV ?= $(VENV)-tflite
+
+$(TFLITE_VENV)/.installed: requirements.txt requirements-tflite.txt
+	test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TFLITE_VENV)/bin/python -m pip install -q -r requirements-tflite.txt
+	touch $@
+
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
+setup-tflite: $(TFLITE_VENV)/.installed
 
 # Fashion-MNIST's four IDX files: Debian's dataset-fashion-mnist package when apt is available.
 data:
@@ -50,9 +60,9 @@ train: setup data
 lint: setup-dev
 	$(PY) -m ruff check .
 
-test: setup-dev
+test: setup-dev setup-tflite
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	TFLITE_PYTHON=$(TFLITE_VENV)/bin/python $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TFLITE_VENV) workdirs .pytest_cache .ruff_cache

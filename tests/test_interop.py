@@ -4,6 +4,7 @@ The fixture comes from tests/fixtures/make_torchvision_fixture.py, run once in a
 PyTorch environment: torchvision's own ShuffleNetV2 0.5x, its state_dict, inputs and logits.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ from PIL import Image
 from configs import common
 from shufflenet_jax import predict
 from shufflenet_jax.data import preprocess
-from shufflenet_jax.interop import export, megvii, torch_pickle, torchvision_v2
-from shufflenet_jax.models import get_model
+from shufflenet_jax.interop import export, fold, megvii, torch_pickle, torchvision_v2
+from shufflenet_jax.models import get_model, layers
 from tests import processes
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -144,3 +145,53 @@ def test_import_predict_and_export_through_the_command_line(fixture, tmp_path):
   exported = export.load_stablehlo(artifact)
   np.testing.assert_allclose(np.asarray(exported.call(images)),
                              np.asarray(model(images, train=False)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs", [("shufflenet_v1", dict(groups=3, scale=0.5)),
+                                          ("shufflenet_v1", dict(groups=8, scale=0.5,
+                                                                 shuffle_order="official")),
+                                          ("shufflenet_v2", dict(scale=0.5))])
+def test_folded_bn_and_gather_shuffle_compute_the_same_function(name, kwargs):
+  model = get_model(name, **kwargs)
+  rng = np.random.default_rng(0)
+  for _, module in model.iter_modules():
+    if isinstance(module, layers.ConvBN):  # non-trivial statistics, as after training
+      module.bn.mean[...] = rng.uniform(-0.5, 0.5, module.bn.mean.shape)
+      module.bn.var[...] = rng.uniform(0.5, 2.0, module.bn.var.shape)
+  images = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
+  expected = np.asarray(model(images, train=False))
+  assert fold.fold_batch_norm(model) > 40
+  with layers.shuffle_as_gather():
+    got = np.asarray(model(images, train=False))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+TFLITE_OPS = """
+import sys
+from shufflenet_jax.interop import export
+ops = {op["op_name"] for op in export.tflite_interpreter(sys.argv[1])._get_ops_details()}
+print(sorted(ops))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, weights", [("torchvision", "torchvision_v2_x0_5.pth"),
+                                             ("megvii_v1", "megvii_v1_g3_0.5x.pth")])
+def test_tflite_export_matches_the_jax_model(source, weights, tmp_path):
+  python = os.environ.get("TFLITE_PYTHON", str(processes.ROOT / ".venv-tflite/bin/python"))
+  assert Path(python).exists(), f"{python} is missing: `make setup-tflite` builds it"
+  workdir = tmp_path / "w"
+  out = _launch("import", f"--from={source}", f"--weights={FIXTURES / weights}",
+                f"--workdir={workdir}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  artifact = tmp_path / "model.tflite"
+  out = subprocess.run([python, "launch.py", "export", f"--workdir={workdir}", "--format=tflite",
+                        f"--output={artifact}"], cwd=processes.ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "reloaded and checked" in out.stdout  # export runs the interpreter against JAX
+  ops = subprocess.run([python, "-c", TFLITE_OPS, str(artifact)], cwd=processes.ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert ops.returncode == 0, ops.stderr[-3000:]
+  assert "CONV_2D" in ops.stdout and "GATHER" in ops.stdout  # the shuffle as a 4-D gather
+  assert "DELEGATE" in ops.stdout  # XNNPACK took (part of) the graph

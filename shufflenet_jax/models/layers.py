@@ -7,6 +7,9 @@ that is much faster on XLA:CPU) is chosen in one place, without touching the mod
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,10 +27,26 @@ def _check_divisible(channels: int, groups: int, what: str) -> None:
     raise ValueError(f"{what}: {channels} channels are not divisible by groups={groups}")
 
 
+# Traced while set: the shuffle as a fixed 4-D gather instead of a 5-D reshape-transpose, which
+# TFLite/ONNX converters reject (export.py). The same permutation either way.
+_SHUFFLE_AS_GATHER = contextvars.ContextVar("shuffle_as_gather", default=False)
+
+
+@contextlib.contextmanager
+def shuffle_as_gather():
+  token = _SHUFFLE_AS_GATHER.set(True)
+  try:
+    yield
+  finally:
+    _SHUFFLE_AS_GATHER.reset(token)
+
+
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
   """The paper's shuffle: channels as (groups, n) -> transpose to (n, groups) -> flatten."""
   *lead, c = x.shape
   _check_divisible(c, groups, "channel_shuffle")
+  if _SHUFFLE_AS_GATHER.get():
+    return jnp.take(x, jnp.asarray(shuffle_permutation(c, groups)), axis=-1)
   x = x.reshape(*lead, groups, c // groups)
   return jnp.swapaxes(x, -1, -2).reshape(*lead, c)
 
@@ -36,6 +55,8 @@ def channel_unshuffle(x: jax.Array, groups: int) -> jax.Array:
   """Inverse of `channel_shuffle`: (n, groups) -> (groups, n); the official Megvii V1 order."""
   *lead, c = x.shape
   _check_divisible(c, groups, "channel_unshuffle")
+  if _SHUFFLE_AS_GATHER.get():
+    return jnp.take(x, jnp.asarray(shuffle_permutation(c, c // groups)), axis=-1)
   x = x.reshape(*lead, c // groups, groups)
   return jnp.swapaxes(x, -1, -2).reshape(*lead, c)
 
