@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from configs import common
@@ -154,7 +155,7 @@ def test_import_predict_and_export_through_the_command_line(fixture, tmp_path):
 def test_folded_bn_and_gather_shuffle_compute_the_same_function(name, kwargs):
   model = get_model(name, **kwargs)
   rng = np.random.default_rng(0)
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     if isinstance(module, layers.ConvBN):  # non-trivial statistics, as after training
       module.bn.mean[...] = rng.uniform(-0.5, 0.5, module.bn.mean.shape)
       module.bn.var[...] = rng.uniform(0.5, 2.0, module.bn.var.shape)

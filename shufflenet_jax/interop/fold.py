@@ -17,7 +17,7 @@ from shufflenet_jax.models.layers import ConvBN
 def fold_batch_norm(model: nnx.Module) -> int:
   """Folds every ConvBN's BN statistics into its kernel, in place; returns how many it folded."""
   count = 0
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     if not isinstance(module, ConvBN):
       continue
     bn, conv = module.bn, module.conv
