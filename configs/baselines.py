@@ -14,7 +14,7 @@ TPU pod (the same command on every host, workdir on a filesystem every host sees
       --workdir=/mnt/bucket/mobilenet_0.5"
 """
 
-from configs import common
+from configs import common, shufflenet_v1
 from shufflenet_jax.models import baselines
 
 MODELS = ("vgg", "resnet", "resnext", "xception", "mobilenet")
@@ -45,3 +45,12 @@ def get_config(arg: str | None = None):
   common.imagenet_recipe(c, args.recipe, scale)
   common.finish(c, args)
   return c
+
+
+def shufflenet_or_baseline(arg: str | None = None):
+  """get_config of sweeps comparing ShuffleNet v1 with these models (experiments/table4, table5):
+  model=shufflenet takes configs/shufflenet_v1.py's args, any other model this file's."""
+  model, rest = common.split_arg(arg, "model", "shufflenet")
+  if model == "shufflenet":
+    return shufflenet_v1.get_config(rest)
+  return get_config(f"model={model},{rest}")

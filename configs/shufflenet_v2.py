@@ -12,7 +12,7 @@ filesystem every host sees, e.g. a gcsfuse-mounted bucket):
       --workdir=/mnt/bucket/v2_1x"
 """
 
-from configs import common
+from configs import common, shufflenet_v1
 from shufflenet_jax.models import shufflenet_v2
 
 
@@ -27,3 +27,13 @@ def get_config(arg: str | None = None):
     c.model_kwargs.layout = "official"
   common.finish(c, args)
   return c
+
+
+def v2_or_v1_g3(arg: str | None = None, default: str = "v2"):
+  """get_config of sweeps comparing V2 with v1 g=3 (experiments/v2_widths, ablation_recipe):
+  model=v2 takes this file's args, model=v1 configs/shufflenet_v1.py's with groups=3."""
+  model, rest = common.split_arg(arg, "model", default)
+  common.check_choice("model", model, ("v1", "v2"))
+  if model == "v1":
+    return shufflenet_v1.get_config(f"groups=3,{rest}")
+  return get_config(rest)

@@ -7,7 +7,7 @@ Under `proxy` both recipes become the same Fashion-MNIST recipe: run this one at
   python launch.py report --experiment=experiments/ablation_recipe.py --root=runs/recipe
 """
 
-from configs import common, shufflenet_v1, shufflenet_v2
+from configs import shufflenet_v2
 
 TITLE = "Ablation: the paper's training recipe vs the official code's"
 # (model, scale) -> (paper recipe error %, official recipe error %)
@@ -16,11 +16,7 @@ PAPER = {("v1", 0.5): (43.2, 42.7), ("v1", 1.0): (32.6, 32.2), ("v1", 2.0): (26.
 
 
 def get_config(arg: str | None = None):
-  model, rest = common.split_arg(arg, "model", "v1")
-  common.check_choice("model", model, ("v1", "v2"))
-  if model == "v1":
-    return shufflenet_v1.get_config(f"groups=3,{rest}")
-  return shufflenet_v2.get_config(rest)
+  return shufflenet_v2.v2_or_v1_g3(arg, default="v1")
 
 
 def sweep(add):

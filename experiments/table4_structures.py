@@ -8,7 +8,7 @@ Run args: model=shufflenet (with groups, scale) or model=vgg|resnet|xception|res
   python launch.py report --experiment=experiments/table4_structures.py --root=runs/t4
 """
 
-from configs import baselines, common, shufflenet_v1
+from configs.baselines import shufflenet_or_baseline as get_config  # noqa: F401
 
 TITLE = "ShuffleNet paper, Table 4: classification error vs other structures"
 UNIT_NAMES = {"vgg": "VGG-like", "resnet": "ResNet", "xception": "Xception-like",
@@ -18,13 +18,6 @@ PAPER = {140: {"vgg": 50.7, "resnet": 37.3, "xception": 33.6, "resnext": 33.3},
          38: {"resnet": 48.8, "xception": 45.1, "resnext": 46.0},
          13: {"resnet": 63.7, "xception": 57.1, "resnext": 65.2}}
 SHUFFLENETS = {140: (1.0, 8, 32.4), 38: (0.5, 4, 41.6), 13: (0.25, 8, 52.7)}
-
-
-def get_config(arg: str | None = None):
-  model, rest = common.split_arg(arg, "model", "shufflenet")
-  if model == "shufflenet":
-    return shufflenet_v1.get_config(rest)
-  return baselines.get_config(f"model={model},{rest}")
 
 
 def sweep(add):

@@ -8,7 +8,7 @@ Run args: model=mobilenet (with width) or model=shufflenet (with groups, scale, 
   python launch.py report --experiment=experiments/table5_mobilenet.py --root=runs/t5
 """
 
-from configs import baselines, common, shufflenet_v1
+from configs.baselines import shufflenet_or_baseline as get_config  # noqa: F401
 
 TITLE = "ShuffleNet paper, Table 5: ShuffleNet vs MobileNet v1"
 # row -> (MobileNet width, its error %), (ShuffleNet scale, groups, its error %)
@@ -17,13 +17,6 @@ PAPER = {"~550 MFLOPs": ((1.0, 29.4), (2.0, 3, 26.3)),
          "~150 MFLOPs": ((0.5, 36.3), (1.0, 8, 32.4)),
          "~40 MFLOPs": ((0.25, 49.4), (0.5, 4, 41.6))}
 SHALLOW = ("~40 MFLOPs", 0.5, 3, 42.8)  # 0.5x g3 with half the units per stage: 40 MFLOPs
-
-
-def get_config(arg: str | None = None):
-  model, rest = common.split_arg(arg, "model", "shufflenet")
-  if model == "shufflenet":
-    return shufflenet_v1.get_config(rest)
-  return baselines.get_config(f"model={model},{rest}")
 
 
 def sweep(add):

@@ -7,19 +7,11 @@ v1's are the v1 paper's (Tables 2 and 5). Run args: model=v1|v2, scale.
   python launch.py report --experiment=experiments/v2_widths.py --root=runs/v2
 """
 
-from configs import common, shufflenet_v1, shufflenet_v2
+from configs.shufflenet_v2 import v2_or_v1_g3 as get_config  # noqa: F401
 
 TITLE = "ShuffleNet V2 widths (official retrained results) vs ShuffleNet v1 g=3"
 # scale -> (V2 error %, v1 g=3 error %)
 PAPER = {0.5: (38.9, 43.2), 1.0: (30.6, 32.6), 1.5: (27.4, 28.5), 2.0: (25.0, 26.3)}
-
-
-def get_config(arg: str | None = None):
-  model, rest = common.split_arg(arg, "model", "v2")
-  common.check_choice("model", model, ("v1", "v2"))
-  if model == "v1":
-    return shufflenet_v1.get_config(f"groups=3,{rest}")
-  return shufflenet_v2.get_config(rest)
 
 
 def sweep(add):
