@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from shufflenet_jax.interop import torchvision_v2
 from shufflenet_jax.interop.weights import WeightSource, assign_conv_bn, assign_fc
 from shufflenet_jax.models import shufflenet_v1, shufflenet_v2
 
@@ -78,12 +79,8 @@ def load_v2_into(model: shufflenet_v2.ShuffleNetV2, state_dict: dict[str, np.nda
   source = WeightSource(state_dict)
   assign_conv_bn(model.conv1, source, "first_conv.0", "first_conv.1")
   for index, unit in enumerate(units):
-    prefix = f"features.{index}"
-    if unit.branch1 is not None:
-      assign_conv_bn(unit.branch1[0], source, f"{prefix}.branch_proj.0", f"{prefix}.branch_proj.1")
-      assign_conv_bn(unit.branch1[1], source, f"{prefix}.branch_proj.2", f"{prefix}.branch_proj.3")
-    for layer, (conv, bn) in zip(unit.branch2, ((0, 1), (3, 4), (5, 6))):
-      assign_conv_bn(layer, source, f"{prefix}.branch_main.{conv}", f"{prefix}.branch_main.{bn}")
+    torchvision_v2.assign_unit(unit, source, f"features.{index}.branch_proj",
+                               f"features.{index}.branch_main")
   assign_conv_bn(model.conv5, source, "conv_last.0", "conv_last.1")
   assign_fc(model.fc, source, "classifier.0", bias=False)
   source.check_all_used()

@@ -27,18 +27,24 @@ def model_kwargs(state_dict: dict[str, np.ndarray]) -> dict:
           "in_channels": int(state_dict["conv1.0.weight"].shape[1])}
 
 
+def assign_unit(unit, source: WeightSource, branch1: str, branch2: str) -> None:
+  """One V2 unit from nn.Sequential branches named `branch1` (stride 2 only: dw conv, BN, 1x1
+  conv, BN, ReLU) and `branch2` (1x1, BN, ReLU, dw, BN, 1x1, BN, ReLU): torchvision's and the
+  official code's units index their layers alike."""
+  if unit.branch1 is not None:
+    for layer, (conv, bn) in zip(unit.branch1, ((0, 1), (2, 3))):
+      assign_conv_bn(layer, source, f"{branch1}.{conv}", f"{branch1}.{bn}")
+  for layer, (conv, bn) in zip(unit.branch2, ((0, 1), (3, 4), (5, 6))):
+    assign_conv_bn(layer, source, f"{branch2}.{conv}", f"{branch2}.{bn}")
+
+
 def load_into(model: shufflenet_v2.ShuffleNetV2, state_dict: dict[str, np.ndarray]) -> None:
   """Copies every torchvision weight into `model` (built with the matching scale)."""
   source = WeightSource(state_dict)
   assign_conv_bn(model.conv1, source, "conv1.0", "conv1.1")
   for s, stage in enumerate(model.stages):
     for u, unit in enumerate(stage):
-      prefix = f"stage{s + 2}.{u}"
-      if unit.branch1 is not None:
-        assign_conv_bn(unit.branch1[0], source, f"{prefix}.branch1.0", f"{prefix}.branch1.1")
-        assign_conv_bn(unit.branch1[1], source, f"{prefix}.branch1.2", f"{prefix}.branch1.3")
-      for layer, (conv, bn) in zip(unit.branch2, ((0, 1), (3, 4), (5, 6))):
-        assign_conv_bn(layer, source, f"{prefix}.branch2.{conv}", f"{prefix}.branch2.{bn}")
+      assign_unit(unit, source, f"stage{s + 2}.{u}.branch1", f"stage{s + 2}.{u}.branch2")
   assign_conv_bn(model.conv5, source, "conv5.0", "conv5.1")
   assign_fc(model.fc, source)
   source.check_all_used()
