@@ -212,12 +212,17 @@ def split_arg(arg: str | None, key: str, default: str) -> tuple[str, str]:
   return value, ",".join(rest)
 
 
+def load_module(path: str, kind: str = "config", hint: str = ""):
+  """Executes the Python file at `path` (a config or experiment file) and returns its module."""
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"{kind} file {path!r} does not exist{hint}")
+  module_spec = importlib.util.spec_from_file_location(f"_{kind}_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:args]` the way `--config=` does, for tests, sweeps and tools."""
   path, _, arg = spec.partition(":")
-  if not Path(path).is_file():
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return load_module(path).get_config(arg or None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import shlex
 import signal
 import subprocess
@@ -38,11 +37,9 @@ class Run:
 
 def load_experiment(path: str):
   """The experiment module at `path`; errors name the file and what it lacks."""
-  if not Path(path).is_file():
-    raise FileNotFoundError(f"experiment file {path!r} does not exist (see experiments/)")
-  spec = importlib.util.spec_from_file_location(f"_experiment_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from configs import common
+
+  module = common.load_module(path, "experiment", " (see experiments/)")
   for name in ("get_config", "sweep"):
     if not callable(getattr(module, name, None)):
       raise ValueError(f"experiment {path} has no {name}() function")
