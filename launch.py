@@ -10,7 +10,7 @@ Commands:
   import   PyTorch weights -> a new --workdir: --from=torchvision|megvii_v1|megvii_v2
            --weights=FILE.pth
   predict  top-5 classes of image files: predict --workdir=W IMAGE...
-  export   the model of --workdir as a serialized program: --format=stablehlo
+  export   the model of --workdir as a deployable program: --format=stablehlo|tflite
   compile  compile the train and eval steps for a TPU topology on this machine (needs libtpu):
            memory per device vs HBM, FLOPs and bytes per step, estimated step time; run it
            before every pod launch (`sweep --plan --topology=...` does it for a whole sweep)
@@ -61,7 +61,7 @@ flags.DEFINE_enum("from", "torchvision", ["torchvision", "megvii_v1", "megvii_v2
                   "import: where the weights come from (torchvision ShuffleNetV2, or the official "
                   "Megvii ShuffleNet-Series V1/V2 checkpoints).")
 flags.DEFINE_string("weights", None, "import: the .pth state_dict file.")
-flags.DEFINE_string("format", "stablehlo", "export: stablehlo.")
+flags.DEFINE_string("format", "stablehlo", "export: stablehlo | tflite (TensorFlow needed).")
 
 # `--config.KEY=VALUE` given to sweep/report: passed through to every run's command line.
 PASSTHROUGH: list[str] = []
@@ -87,8 +87,13 @@ def _compile(config) -> None:
   pod_check.check_fits(result)
 
 
-def _interop(command: str, images: list[str]) -> None:
+def _config_or_workdir_config():
+  """--config, else the config.json of the run in --workdir (eval, predict, export)."""
   from shufflenet_jax import train
+  return FLAGS.config or train.load_workdir_config(FLAGS.workdir)
+
+
+def _interop(command: str, images: list[str]) -> None:
   if FLAGS.workdir is None:
     raise app.UsageError(f"{command} needs --workdir")
   if command == "import":
@@ -97,7 +102,7 @@ def _interop(command: str, images: list[str]) -> None:
       raise app.UsageError("import needs --weights=FILE.pth")
     importing.import_weights(FLAGS["from"].value, FLAGS.weights, FLAGS.workdir, FLAGS.config)
     return
-  config = FLAGS.config or train.load_workdir_config(FLAGS.workdir)
+  config = _config_or_workdir_config()
   if command == "predict":
     from shufflenet_jax import predict
     predict.predict(config, FLAGS.workdir, images)
@@ -183,9 +188,9 @@ def main(argv: list[str]) -> None:
   if command in SWEEP_COMMANDS:
     _sweep_or_report(command)
     return
-  from shufflenet_jax import train
   if command == "eval" and FLAGS.config is None and FLAGS.workdir:
-    train.evaluate_checkpoint(train.load_workdir_config(FLAGS.workdir), FLAGS.workdir)
+    from shufflenet_jax import train
+    train.evaluate_checkpoint(_config_or_workdir_config(), FLAGS.workdir)
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/default.py")
@@ -197,6 +202,7 @@ def main(argv: list[str]) -> None:
     return
   if FLAGS.workdir is None:
     raise app.UsageError(f"{command} needs --workdir")
+  from shufflenet_jax import train
   if command == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
