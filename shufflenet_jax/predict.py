@@ -13,12 +13,6 @@ from shufflenet_jax import parallel, train
 from shufflenet_jax.data import fashion_mnist, pipeline, preprocess
 
 
-def _mean_std(config) -> tuple[np.ndarray, np.ndarray]:
-  if config.dataset == "fashion_mnist":
-    return preprocess.FASHION_MNIST_MEAN, preprocess.FASHION_MNIST_STD
-  return preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
-
-
 def class_names(config) -> list[str] | None:
   """The dataset's class names; None when its prepared files are not on this machine."""
   if config.dataset == "fashion_mnist":
@@ -36,8 +30,8 @@ def model_input(config, path: str) -> np.ndarray:
   if image.shape[:2] != (config.input_size, config.input_size):
     image = preprocess.resize_center_crop(image, config.input_size, config.input_size)
   if config.in_channels == 1:
-    image = np.round(image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
-  mean, std = _mean_std(config)
+    image = np.round(image @ preprocess.LUMA).astype(np.uint8)[..., None]
+  mean, std = pipeline.mean_std(config.dataset)
   return preprocess.normalize(image, config.input_format, mean, std)
 
 

@@ -56,6 +56,13 @@ def _prepare(make_builder, manual_dir: str):
   return builder
 
 
+def mean_std(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel input normalisation of a dataset (0-255 scale); image folders use ImageNet's."""
+  if dataset == "fashion_mnist":
+    return preprocess.FASHION_MNIST_MEAN, preprocess.FASHION_MNIST_STD
+  return preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
+
+
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """The config's dataset as two random-access sources (train, eval) plus its class names."""
   name = config.dataset
@@ -66,15 +73,13 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   if name == "fashion_mnist":
     check_files(config.data_dir)
     make_builder = lambda: FashionMnistIdx(data_dir=tfds_dir, file_format="array_record")
-    mean, std = preprocess.FASHION_MNIST_MEAN, preprocess.FASHION_MNIST_STD
   elif name == "imagenet2012":
     make_builder = lambda: imagenet_builder(tfds_dir, config.data_dir)
     decoders = {"image": tfds.decode.SkipDecoding()}  # JPEG bytes: we decode and crop
-    mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
   else:
     make_builder = lambda: image_folder_builder(tfds_dir, config.data_dir, config.on_bad_image)
     decoders = {"image": tfds.decode.SkipDecoding()}
-    mean, std = preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STD_RGB
+  mean, std = mean_std(name)
   builder = _prepare(make_builder, config.data_dir)
   train_split, eval_split = SPLITS[name]
   sources = [builder.as_data_source(split=s, decoders=decoders) for s in (train_split,

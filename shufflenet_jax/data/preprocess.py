@@ -13,6 +13,7 @@ IMAGENET_STD_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
 FASHION_MNIST_MEAN = np.array([0.2860], np.float32) * 255
 FASHION_MNIST_STD = np.array([0.3530], np.float32) * 255
 INPUT_FORMATS = ("rgb_normalized", "bgr_255")
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> grey (ITU-R BT.601)
 
 
 class BadImageError(ValueError):
@@ -78,8 +79,7 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
 def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
   """Brightness, contrast and saturation jitter by factors in [1-s, 1+s], in random order."""
   x = image.astype(np.float32)
-  luma = np.array([0.299, 0.587, 0.114], np.float32)
-  gray = lambda x: x @ luma if x.shape[-1] == 3 else x[..., 0]
+  gray = lambda x: x @ LUMA if x.shape[-1] == 3 else x[..., 0]
   for op in rng.permutation(3):
     factor = rng.uniform(max(0.0, 1 - strength), 1 + strength)
     if op == 0:
