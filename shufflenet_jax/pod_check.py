@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from shufflenet_jax import complexity, optim, parallel, summary, train
+from shufflenet_jax.models.layers import resolve_conv_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +141,7 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
   _check_divides(config.batch_size, devices, "batch_size")
   _check_divides(config.eval_batch_size, devices, "eval_batch_size")
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.conv_impl == "auto":
-    config.conv_impl = "xla"  # what `auto` picks on TPU (layers.resolve_conv_impl)
+  config.conv_impl = resolve_conv_impl(config.conv_impl, backend="tpu")  # the target's, not ours
   mesh = parallel.make_mesh(topo.devices)
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
   graphdef, state = train.abstract_train_state(config, mesh, tx)

@@ -68,12 +68,13 @@ def shuffle_permutation(channels: int, groups: int) -> list[int]:
   return [(i % groups) * n + i // groups for i in range(channels)]
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """`auto` picks the measured fastest implementation for the default backend (BENCHMARKS.md)."""
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+  """`auto` picks the measured fastest implementation for `backend` (default: JAX's default
+  backend; BENCHMARKS.md)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl={impl!r} is not one of {CONV_IMPLS}")
   if impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla"
   return impl
 
 
