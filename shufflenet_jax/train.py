@@ -211,6 +211,13 @@ def _config_differences(saved: dict, current: dict) -> list[str]:
           if saved.get(k) != current.get(k)]
 
 
+def write_atomically(path: Path, text: str) -> None:
+  """Readers (other processes, sweeps, reports) see the old file or the new one, never half."""
+  temporary = path.with_name(f".{path.name}.{os.getpid()}")
+  temporary.write_text(text)
+  os.replace(temporary, path)
+
+
 def prepare_workdir(config, workdir: Path, checkpointer) -> None:
   """Writes config.json; refuses to resume a workdir that holds a different run."""
   current = json.loads(config.to_json_best_effort())
@@ -231,9 +238,7 @@ def prepare_workdir(config, workdir: Path, checkpointer) -> None:
       return  # other processes may be reading it: never rewrite an identical file
     if path.exists():  # resume=force or resumable changes: keep the earlier one
       path.rename(workdir / f"config.{int(time.time())}.json")
-    temporary = workdir / f".config.json.{os.getpid()}"
-    temporary.write_text(text)
-    os.replace(temporary, path)  # atomic: readers see the old file or the new one, never half
+    write_atomically(path, text)
 
 
 def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -394,9 +399,7 @@ def write_result(workdir: Path, step: int, eval_results: dict) -> None:
   """workdir/result.json marks a finished run (sweeps skip it, reports read it); atomic."""
   text = json.dumps({"step": int(step), **{k: float(v) for k, v in eval_results.items()}},
                     indent=2, sort_keys=True) + "\n"
-  temporary = workdir / f".{RESULT_FILE}.{os.getpid()}"
-  temporary.write_text(text)
-  os.replace(temporary, workdir / RESULT_FILE)
+  write_atomically(workdir / RESULT_FILE, text)
 
 
 def read_result(workdir: str | Path) -> dict | None:
