@@ -7,7 +7,8 @@
 For V1 1x g3, V1 0.5x g3 and V2 1x at 224x224: train step img/s (SGD, batch 32 on CPU), inference
 img/s (batch 32), latency (batch 1, median), compile time of the train step, peak host memory
 (each measurement in its own process), the cost of the channel shuffle (V1 1x g3 with shuffle
-off), and the input pipeline (JPEG decode + random resized crop + flip, img/s on one core).
+off), V1 1x g3 matmul once more without the project's XLA options (`+xla_defaults`), and the
+input pipeline (JPEG decode + random resized crop + flip, img/s on one core).
 Writes benchmarks/results.json and benchmarks/results.md; copy the table into BENCHMARKS.md.
 """
 
@@ -35,7 +36,8 @@ MODELS = {  # name -> (get_model name, kwargs)
 
 
 def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
-  """One model, one conv implementation, in this (fresh) process."""
+  """One model, one conv implementation, in this (fresh) process. `impl` may end in
+  `+xla_defaults`: then without the project's XLA options (parallel.compiler_options)."""
   sys.path.insert(0, str(HERE.parent))
   import jax
   import jax.numpy as jnp
@@ -43,10 +45,13 @@ def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
   import optax
   from flax import nnx
 
+  from shufflenet_jax import parallel
   from shufflenet_jax.models import get_model
 
   model_name, kwargs = MODELS[name]
-  model = get_model(model_name, conv_impl=impl, **kwargs)
+  conv_impl, _, variant = impl.partition("+")
+  options = {} if variant == "xla_defaults" else parallel.compiler_options()
+  model = get_model(model_name, conv_impl=conv_impl, **kwargs)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = optax.sgd(0.01, momentum=0.9)
   opt_state = tx.init(params)
@@ -68,8 +73,8 @@ def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
   x = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
   start = time.perf_counter()
-  step = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(params, stats, opt_state, x,
-                                                             y).compile()
+  step = jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=options).lower(
+      params, stats, opt_state, x, y).compile()
   compile_s = time.perf_counter() - start
   params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
   jax.block_until_ready(loss)
@@ -79,7 +84,7 @@ def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
   jax.block_until_ready(loss)
   train_ips = batch * steps / (time.perf_counter() - start)
 
-  infer = jax.jit(forward)
+  infer = jax.jit(forward, compiler_options=options)
   jax.block_until_ready(infer(params, stats, x))
   start = time.perf_counter()
   for _ in range(steps):
@@ -180,7 +185,10 @@ def main() -> None:
     args.steps, args.models = 2, "v1_g3_0.5x"
   rows, torch_rows = [], {}
   for name in args.models.split(","):
-    for impl in args.impls.split(","):
+    impls = args.impls.split(",")
+    if name == "v1_g3_1x" and "matmul" in impls:  # what the project's XLA options buy
+      impls.append("matmul+xla_defaults")
+    for impl in impls:
       print(f"jax {name} {impl} ...", file=sys.stderr, flush=True)
       rows.append(_subprocess_json([sys.executable, __file__, f"--one={name}:{impl}",
                                     f"--batch={args.batch}", f"--steps={args.steps}"]))

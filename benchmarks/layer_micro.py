@@ -1,4 +1,4 @@
-"""Forward+backward time of single layers at ShuffleNet v1 0.5x g3 Stage2 shapes (batch 32):
+"""Forward+backward time of single layers at ShuffleNet v1 1x g3 Stage2 shapes (batch 32):
 where the train step's time goes on this machine. Backs the "what limits it" notes in
 BENCHMARKS.md.
 
@@ -14,12 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shufflenet_jax import parallel  # noqa: E402
 from shufflenet_jax.models import layers  # noqa: E402
 
 
 def fwd_bwd_ms(f, *args, repeats: int = 20) -> float:
   """Mean milliseconds of jit(grad(sum(f(*args)**2))) with respect to every argument."""
-  g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))))
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))),
+              compiler_options=parallel.compiler_options())
   jax.block_until_ready(g(*args))
   start = time.perf_counter()
   for _ in range(repeats):
@@ -40,6 +42,11 @@ def main() -> None:
     rows.append((f"grouped 1x1 g3, 240->60, {impl}", fwd_bwd_ms(
         lambda x, w, i=impl: layers.conv2d(x, w, groups=3, impl=i), x240,
         jax.random.normal(key, (1, 1, 80, 60)))))
+  conv = layers.Conv(240, 60, 1, groups=3, conv_impl="matmul", rngs=nnx.Rngs(0))
+  graphdef_conv, conv_state = nnx.split(conv)
+  rows.append(("grouped 1x1 g3, 240->60, matmul on group-major [3,32,28,28,80]", fwd_bwd_ms(
+      lambda x, s: nnx.merge(graphdef_conv, s).grouped(x), layers.to_groups(x240, 3),
+      conv_state)))
   rows.append(("dense 1x1, 240->60, matmul", fwd_bwd_ms(
       lambda x, w: layers.conv2d(x, w, impl="matmul"), x240,
       jax.random.normal(key, (1, 1, 240, 60)))))

@@ -16,6 +16,18 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
+# XLA:CPU runs independent ops of a step concurrently by default. The models' ops are bound by
+# memory traffic, and two at once evict each other's data from the cache; the memory-optimised
+# scheduler runs them one after another (each op still uses every core): the V1 1x g3 train step
+# is 1.15x faster with it on the 2-core CI machine (BENCHMARKS.md, "XLA options" row).
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+  """XLA options for jit on `backend` (default: JAX's default backend), each one measured."""
+  return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None,

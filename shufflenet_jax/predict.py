@@ -56,7 +56,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, paths: list[str],
   step, model = load_model(config, workdir)
   names = class_names(config)
   images = np.stack([model_input(config, p) for p in paths])
-  probabilities = np.asarray(jax.jit(lambda x: jax.nn.softmax(model(x)))(images))
+  forward = jax.jit(lambda x: jax.nn.softmax(model(x)),
+                    compiler_options=parallel.compiler_options())
+  probabilities = np.asarray(forward(images))
   results = []
   for path, p in zip(paths, probabilities):
     best = np.argsort(-p)[:min(top, len(p))]

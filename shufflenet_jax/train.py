@@ -144,6 +144,10 @@ def _loss_fn(graphdef, config):
   return loss_fn
 
 
+def _platform(mesh) -> str:
+  return mesh.devices.flat[0].platform
+
+
 def make_train_step(graphdef, tx, config, mesh):
   grad_fn = jax.value_and_grad(_loss_fn(graphdef, config), has_aux=True)
 
@@ -173,7 +177,8 @@ def make_train_step(graphdef, tx, config, mesh):
     return new_state, step_metrics
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
+  return jax.jit(train_step, donate_argnums=0, out_shardings=replicated,
+                 compiler_options=parallel.compiler_options(_platform(mesh)))
 
 
 def make_eval_step(graphdef, config, mesh):
@@ -189,7 +194,8 @@ def make_eval_step(graphdef, config, mesh):
             "top5": jnp.sum(metrics.topk_correct(logits, labels, k) * mask),
             "num_examples": jnp.sum(mask)}
 
-  return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
+  return jax.jit(eval_step, out_shardings=parallel.replicated(mesh),
+                 compiler_options=parallel.compiler_options(_platform(mesh)))
 
 
 def evaluate(eval_step, state, config, dataset, mesh) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -103,27 +104,109 @@ def _grouped_pointwise(x, kernel, groups):
   return y.reshape(*lead, cout).astype(x.dtype)
 
 
-def _depthwise_shifted(x, kernel, stride, padding):
-  """Depthwise k x k conv as a sum of k*k strided slices times per-channel weights."""
-  kh, kw, _, cout = kernel.shape
-  n, h, w, c = x.shape
-  mult = cout // c
+# Windowed ops as shifted slices. Arrays are [..., H, W, C]: NHWC, or group-major [g, N, H, W, c].
+
+
+def _window_slice(xp, i, j, out_h, out_w, stride):
+  """Window position (i, j) of every output pixel: a strided slice of the padded input."""
+  lead = xp.ndim - 3
+  start = (0,) * lead + (i, j, 0)
+  limit = xp.shape[:lead] + (i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
+                             xp.shape[-1])
+  return jax.lax.slice(xp, start, limit, (1,) * lead + (stride, stride, 1))
+
+
+def _window_scatter(dy, i, j, padded_h, padded_w, stride):
+  """Transpose of `_window_slice`: dy placed back at window position (i, j), zeros elsewhere."""
+  out_h, out_w = dy.shape[-3:-1]
+  span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+  config = [(0, 0, 0)] * (dy.ndim - 3) + [(i, padded_h - i - span_h, stride - 1),
+                                          (j, padded_w - j - span_w, stride - 1), (0, 0, 0)]
+  return jax.lax.pad(dy, jnp.zeros((), dy.dtype), config)
+
+
+def _out_size(size, window, stride, padding):
+  return (size + 2 * padding - window) // stride + 1
+
+
+def _pad_hw(x, padding, value=0.0):
+  config = [(0, 0)] * (x.ndim - 3) + [(padding, padding), (padding, padding), (0, 0)]
+  return jnp.pad(x, config, constant_values=value)
+
+
+def _windows(xp, size, stride, out_h, out_w):
+  return [_window_slice(xp, i, j, out_h, out_w, stride) for i in range(size) for j in range(size)]
+
+
+def _sum_to_shape(t, shape):
+  """Sum t over the axes that `shape` (right-aligned, as in broadcasting) does not keep."""
+  shape = (1,) * (t.ndim - len(shape)) + tuple(shape)
+  return jnp.sum(t, axis=tuple(a for a, d in enumerate(shape) if d == 1 and t.shape[a] > 1),
+                 keepdims=True)
+
+
+def _vary_like(w, x):
+  """Under shard_map, `w` cast to vary over the mesh axes x varies over, as autodiff does
+  implicitly, so that a custom VJP's cotangent for w has w's type (the cast's transpose then
+  sums it over those axes). A no-op outside shard_map."""
+  axes = tuple(jax.typeof(x).mat.varying - jax.typeof(w).mat.varying)
+  return jax.lax.pcast(w, axes, to="varying") if axes else w
+
+
+def _depthwise_shifted(x, weights, stride, padding, permute=None):
+  """Depthwise k x k conv of x [..., H, W, C] as a sum of k*k strided slices times per-channel
+  weights [k, k, <broadcastable to x>], accumulated in float32, of `permute(x)` when given (a
+  channel permutation, which XLA then fuses into the reads instead of copying x).
+
+  The custom VJP keeps only x for the backward pass: differentiating the slices directly makes
+  XLA materialise all k*k shifted copies of the input as residuals."""
+  return _depthwise_vjp(x, _vary_like(weights, x), stride, padding, permute)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_vjp(x, weights, stride, padding, permute):
+  return _depthwise_fwd(x, weights, stride, padding, permute)[0]
+
+
+def _depthwise_fwd(x, weights, stride, padding, permute):
+  size = weights.shape[0]
+  source = permute(x) if permute else x
+  out_h, out_w = (_out_size(d, size, stride, padding) for d in source.shape[-3:-1])
+  acc = _accumulator(x.dtype)
+  windows = _windows(_pad_hw(source, padding), size, stride, out_h, out_w)
+  y = sum(window.astype(acc) * weights[k // size, k % size].astype(acc)
+          for k, window in enumerate(windows))
+  return y.astype(x.dtype), (x, weights)
+
+
+def _depthwise_bwd(stride, padding, permute, residuals, dy):
+  x, weights = residuals
+  size = weights.shape[0]
+  source, unpermute = jax.vjp(permute, x) if permute else (x, None)
+  # Materialised once: otherwise XLA recomputes x's producers (BN, ReLU) in every window below.
+  xp = jax.lax.optimization_barrier(_pad_hw(source, padding))
+  acc = _accumulator(x.dtype)
+  dy = dy.astype(acc)
+  dweights = jnp.stack([_sum_to_shape(window.astype(acc) * dy, weights.shape[2:])
+                        for window in _windows(xp, size, stride, *dy.shape[-3:-1])])
+  dweights = dweights.reshape(weights.shape)
+  dxp = sum(_window_scatter(dy * weights[k // size, k % size].astype(acc), k // size, k % size,
+                            xp.shape[-3], xp.shape[-2], stride) for k in range(size * size))
+  h, w = source.shape[-3:-1]
+  dsource = dxp[..., padding:padding + h, padding:padding + w, :].astype(x.dtype)
+  dx = unpermute(dsource)[0] if permute else dsource
+  return dx, dweights.astype(weights.dtype)
+
+
+_depthwise_vjp.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def _depthwise(x, kernel, stride, padding):
+  """NHWC depthwise conv with an HW1C kernel (channel multiplier = C_out / C_in)."""
+  mult = kernel.shape[-1] // x.shape[-1]
   if mult > 1:  # channel multiplier: output channel j reads input channel j // mult
     x = jnp.repeat(x, mult, axis=-1)
-  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  out_h = (h + 2 * padding - kh) // stride + 1
-  out_w = (w + 2 * padding - kw) // stride + 1
-  acc = _accumulator(x.dtype)
-  y = None
-  for i in range(kh):
-    for j in range(kw):
-      patch = jax.lax.slice(
-          x, (0, i, j, 0),
-          (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, cout),
-          (1, stride, stride, 1))
-      term = patch.astype(acc) * kernel[i, j, 0].astype(acc)
-      y = term if y is None else y + term
-  return y.astype(x.dtype)
+  return _depthwise_shifted(x, kernel[:, :, 0], stride, padding)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
@@ -145,8 +228,58 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
         return y.astype(x.dtype)
       return _grouped_pointwise(x, kernel, groups)
     if groups == cin and cin_per_group == 1:
-      return _depthwise_shifted(x, kernel, stride, padding)
+      return _depthwise(x, kernel, stride, padding)
   return _xla_conv(x, kernel, stride, padding, groups)
+
+
+# Group-major activations: [g, N, H, W, C/g] holds NHWC channel c at (c // (C/g), ..., c % (C/g)),
+# the same channel order with the groups outermost in memory. A grouped 1x1 conv is then one
+# batched matmul over g with no transposes; in NHWC, XLA:CPU transposes its input and output
+# around every grouped matmul, forward and backward (5x slower, BENCHMARKS.md). ShuffleNet v1
+# keeps a whole stage group-major with conv_impl=matmul.
+
+
+def to_groups(x: jax.Array, groups: int) -> jax.Array:
+  """NHWC -> group-major [groups, N, H, W, C/groups]."""
+  *lead, c = x.shape
+  _check_divisible(c, groups, "to_groups")
+  return jnp.moveaxis(x.reshape(*lead, groups, c // groups), -2, 0)
+
+
+def from_groups(xg: jax.Array) -> jax.Array:
+  """Group-major [g, N, H, W, C/g] -> NHWC."""
+  g, *lead, c = xg.shape
+  return jnp.moveaxis(xg, 0, -2).reshape(*lead, g * c)
+
+
+def regroup(xg: jax.Array, permute) -> jax.Array:
+  """Apply an NHWC channel permutation (e.g. channel_shuffle) to a group-major tensor; XLA
+  turns the three reshapes/transposes into one copy of it."""
+  return to_groups(permute(from_groups(xg)), xg.shape[0])
+
+
+def batch_norm_grouped(bn: nnx.BatchNorm, xg: jax.Array, train: bool) -> jax.Array:
+  """`bn` (an nnx.BatchNorm over C channels) on group-major xg: the same statistics (float32,
+  E[x^2] - E[x]^2 as nnx computes them), running-average updates and output dtype."""
+  if bn.axis_name is not None:
+    raise ValueError("batch_norm_grouped does not average statistics over a named axis")
+  g, c = xg.shape[0], xg.shape[-1]
+  shape = (g, 1, 1, 1, c)
+  dtype = bn.dtype or jnp.result_type(xg, bn.scale[...])
+  x = xg.astype(dtype)
+  if train:
+    x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
+    mean = jnp.mean(x32, axis=(1, 2, 3))
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=(1, 2, 3)) - jnp.square(mean))
+    mean, var = mean.reshape(-1), var.reshape(-1)
+    stop = jax.lax.stop_gradient if bn.mean._can_update or bn.var._can_update else (lambda v: v)
+    bn.mean[...] = stop(bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean)
+    bn.var[...] = stop(bn.momentum * bn.var[...] + (1 - bn.momentum) * var)
+  else:
+    mean, var = bn.mean[...], bn.var[...]
+  mean, var = mean.astype(dtype).reshape(shape), var.astype(dtype).reshape(shape)
+  multiplier = jax.lax.rsqrt(var + bn.epsilon) * bn.scale[...].astype(dtype).reshape(shape)
+  return ((x - mean) * multiplier + bn.bias[...].astype(dtype).reshape(shape)).astype(dtype)
 
 
 class Conv(nnx.Module):
@@ -178,6 +311,31 @@ class Conv(nnx.Module):
       y = y + self.bias[...].astype(y.dtype)
     return y
 
+  def grouped(self, xg: jax.Array, permute=None) -> jax.Array:
+    """The same conv on group-major activations (matmul implementation): grouped 1x1 convs
+    whose groups are the layout's, and depthwise convs, which can read their input through a
+    channel permutation `permute` (group-major -> group-major) at no extra pass."""
+    kernel = self.kernel[...]
+    if self.dtype is not None:
+      xg, kernel = xg.astype(self.dtype), kernel.astype(self.dtype)
+    g, c = xg.shape[0], xg.shape[-1]
+    kh, kw, cin_per_group, cout = kernel.shape
+    acc = _accumulator(xg.dtype)
+    if permute is not None and self.groups != g * c:
+      raise ValueError("Conv.grouped: only depthwise convs take a permuted input")
+    if kh == kw == 1 and self.stride == 1 and self.groups == g and cin_per_group == c:
+      kg = kernel[0, 0].reshape(c, g, cout // g).swapaxes(0, 1)
+      y = jnp.einsum("gnhwi,gio->gnhwo", xg.astype(acc), kg.astype(acc)).astype(xg.dtype)
+    elif self.groups == g * c and cin_per_group == 1 and cout == g * c:
+      y = _depthwise_shifted(xg, kernel.reshape(kh, kw, g, 1, 1, 1, c), self.stride,
+                             self.padding, permute)
+    else:
+      raise ValueError(f"Conv.grouped: no group-major form for a {kh}x{kw} conv with "
+                       f"groups={self.groups} on {g} x {c} channels")
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype).reshape(g, 1, 1, 1, -1)
+    return y
+
 
 def batch_norm(features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
   """BatchNorm with PyTorch's momentum/epsilon; statistics stay float32 under bf16 compute."""
@@ -200,20 +358,65 @@ class ConvBN(nnx.Module):
     x = self.bn(self.conv(x), use_running_average=not train)
     return jax.nn.relu(x) if self.relu else x
 
+  def grouped(self, xg: jax.Array, train: bool, permute=None) -> jax.Array:
+    """`__call__` on group-major activations (see `to_groups` and `Conv.grouped`)."""
+    xg = batch_norm_grouped(self.bn, self.conv.grouped(xg, permute), train)
+    return jax.nn.relu(xg) if self.relu else xg
+
 
 def _pool(x, init, op, size, stride, padding):
   pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
   return jax.lax.reduce_window(x, init, op, (1, size, size, 1), (1, stride, stride, 1), pad)
 
 
-def max_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
-  """Max pool with explicit symmetric padding (SAME pads (0, 1) at stride 2, unlike PyTorch)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_shifted(x, size, stride, padding):
+  """Max over k*k strided slices. The gradient goes to the first maximum of each window (as
+  PyTorch's), recorded in the forward pass as a small int8 window index, so the backward pass
+  is one fused pass over dy; XLA:CPU's own gradient of reduce_window (select-and-scatter with
+  int32 index tensors) was the slowest op of the train step."""
+  return _max_pool_fwd(x, size, stride, padding)[0]
+
+
+def _max_pool_fwd(x, size, stride, padding):
+  out_h, out_w = (_out_size(d, size, stride, padding) for d in x.shape[-3:-1])
+  windows = _windows(_pad_hw(x, padding, -jnp.inf), size, stride, out_h, out_w)
+  y, first = windows[0], jnp.zeros(windows[0].shape, jnp.int8)
+  for index, window in enumerate(windows[1:], 1):
+    first = jnp.where(window > y, jnp.int8(index), first)  # strictly greater: ties keep the first
+    y = jnp.maximum(y, window)
+  return y, (first, x.shape)
+
+
+def _max_pool_bwd(size, stride, padding, residuals, dy):
+  first, shape = residuals
+  h, w = shape[-3:-1]
+  padded_h, padded_w = h + 2 * padding, w + 2 * padding
+  dxp = sum(_window_scatter(jnp.where(first == k, dy, 0), k // size, k % size, padded_h,
+                            padded_w, stride) for k in range(size * size))
+  return (dxp[..., padding:padding + h, padding:padding + w, :],)
+
+
+_max_pool_shifted.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1, *,
+             impl: str = "xla") -> jax.Array:
+  """Max pool with explicit symmetric padding (SAME pads (0, 1) at stride 2, unlike PyTorch).
+  `impl` follows the conv implementation: `matmul` spells it as shifted slices (XLA:CPU)."""
+  if resolve_conv_impl(impl) == "matmul":
+    return _max_pool_shifted(x, size, stride, padding)
   return _pool(x, -jnp.inf, jax.lax.max, size, stride, padding)
 
 
-def avg_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+def avg_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1, *,
+             impl: str = "xla") -> jax.Array:
   """Average pool that counts padded zeros, as PyTorch's AvgPool2d does by default."""
-  summed = _pool(x, 0.0, jax.lax.add, size, stride, padding)
+  if resolve_conv_impl(impl) == "matmul":  # linear: autodiff of the slices is one fused pass
+    out_h, out_w = (_out_size(d, size, stride, padding) for d in x.shape[1:3])
+    summed = sum(_windows(_pad_hw(x, padding), size, stride, out_h, out_w))
+  else:
+    summed = _pool(x, 0.0, jax.lax.add, size, stride, padding)
   return summed / (size * size)
 
 
@@ -247,7 +450,8 @@ def stem_and_stages(model) -> list[tuple[str, callable]]:
   """The macro layout shared by the models: conv1, max pool (ImageNet stem), stage2..4."""
   layers = [("conv1", model.conv1)]
   if model.stem == "imagenet":
-    layers.append(("maxpool", lambda x, train: max_pool(x)))
+    impl = model.conv1.conv.conv_impl
+    layers.append(("maxpool", lambda x, train: max_pool(x, impl=impl)))
   for index, stage in enumerate(model.stages):
     layers.append((f"stage{index + 2}", sequential(stage)))
   return layers

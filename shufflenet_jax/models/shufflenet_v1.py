@@ -10,6 +10,7 @@ Width rule (the paper publishes only some widths):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,8 +25,11 @@ from shufflenet_jax.models.layers import (
     avg_pool,
     channel_shuffle,
     channel_unshuffle,
+    from_groups,
     pool_and_classify,
+    regroup,
     stem_and_stages,
+    to_groups,
 )
 
 GROUPS = (1, 2, 3, 4, 8)
@@ -87,6 +91,7 @@ class ShuffleV1Unit(nnx.Module):
     self.groups = groups
     self.shuffle = shuffle and groups > 1
     self.shuffle_order = shuffle_order
+    self.conv_impl = conv_impl
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = self.compress(x, train)
@@ -98,7 +103,39 @@ class ShuffleV1Unit(nnx.Module):
     y = self.expand(y, train)
     if self.stride == 1:
       return jax.nn.relu(x + y)
-    return jax.nn.relu(jnp.concatenate([avg_pool(x).astype(y.dtype), y], axis=-1))
+    pooled = avg_pool(x, impl=self.conv_impl).astype(y.dtype)
+    return jax.nn.relu(jnp.concatenate([pooled, y], axis=-1))
+
+  def grouped(self, x: jax.Array, train: bool) -> jax.Array:
+    """`__call__` on group-major activations (layers.to_groups) with this unit's groups:
+    x is NHWC for a stride-2 unit (a stage's first) and group-major otherwise; returns
+    group-major. No grouped conv pays for a transpose, and the shuffle is fused into the
+    depthwise conv's reads."""
+    g = self.groups
+    if self.compress.conv.groups == 1:  # Stage 2's dense first 1x1 conv
+      y = to_groups(self.compress(x, train), g)
+    else:
+      y = self.compress.grouped(to_groups(x, g) if self.stride == 2 else x, train)
+    shuffle = None
+    if self.shuffle and self.shuffle_order == "paper":  # read by the DW conv, no copy of its own
+      shuffle = functools.partial(regroup, permute=lambda t: channel_shuffle(t, g))
+    y = self.depthwise.grouped(y, train, shuffle)
+    if self.shuffle and self.shuffle_order == "official":
+      y = regroup(y, lambda t: channel_unshuffle(t, g))
+    y = self.expand.grouped(y, train)
+    if self.stride == 1:
+      return jax.nn.relu(x + y)
+    pooled = avg_pool(x, impl=self.conv_impl).astype(y.dtype)
+    return to_groups(jax.nn.relu(jnp.concatenate([pooled, from_groups(y)], axis=-1)), g)
+
+
+def _group_major_stage(units):
+  """A stage whose units run group-major (`ShuffleV1Unit.grouped`); NHWC in and out."""
+  def apply(x, train):
+    for unit in units:
+      x = unit.grouped(x, train)
+    return from_groups(x)
+  return apply
 
 
 class ShuffleNetV1(nnx.Module):
@@ -132,10 +169,16 @@ class ShuffleNetV1(nnx.Module):
       stages.append(nnx.List(units))
     self.stages = nnx.List(stages)
     self.fc = Dense(in_features, num_classes, use_bias=fc_bias, rngs=rngs)
+    # Group-major stages where grouped convs are matmuls (layers.to_groups); NHWC elsewhere.
+    self.group_major = groups > 1 and self.conv1.conv.conv_impl == "matmul"
 
   def named_layers(self) -> list[tuple[str, callable]]:
     """Table-1 rows as (name, fn(x, train)), in order; `__call__` and the summary share them."""
     layers = stem_and_stages(self)
+    if self.group_major:
+      layers = layers[:-len(self.stages)] + [
+          (f"stage{index + 2}", _group_major_stage(stage)) for index, stage in
+          enumerate(self.stages)]
     return layers + pool_and_classify(self)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
