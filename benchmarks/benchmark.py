@@ -3,6 +3,7 @@
   python benchmarks/benchmark.py                       # JAX: both conv implementations
   python benchmarks/benchmark.py --torch=/path/to/venv-with-torch/bin/python
   python benchmarks/benchmark.py --quick               # fewer steps (a smoke run)
+  python benchmarks/benchmark.py --repeat=3 --torch=...  # medians of 3 interleaved runs
 
 For V1 1x g3, V1 0.5x g3 and V2 1x at 224x224: train step img/s (SGD, batch 32 on CPU), inference
 img/s (batch 32), latency (batch 1, median), compile time of the train step, peak host memory
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -134,6 +136,16 @@ def measure_input_pipeline(seconds: float = 5.0) -> dict:
           "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024}
 
 
+def _median(results: list[dict]) -> dict:
+  """Per-key median of repeated measurements (the first result's non-numeric fields)."""
+  merged = dict(results[0])
+  for key, value in merged.items():
+    if isinstance(value, float):
+      merged[key] = statistics.median(r[key] for r in results)
+  merged["runs"] = len(results)
+  return merged
+
+
 def _subprocess_json(cmd: list[str], env=None) -> dict:
   out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
   return json.loads(out.strip().splitlines()[-1])
@@ -174,6 +186,8 @@ def main() -> None:
   parser.add_argument("--models", default="v1_g3_1x,v1_g3_0.5x,v2_1x,v1_g3_1x_noshuffle")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--repeat", type=int, default=1,
+                      help="runs per row, interleaved; the table shows each figure's median")
   parser.add_argument("--quick", action="store_true", help="2 steps, fewer models")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "model:impl" in this process
   parser.add_argument("--out", default=str(HERE / "results"))
@@ -189,14 +203,22 @@ def main() -> None:
     impls = args.impls.split(",")
     if name == "v1_g3_1x" and "matmul" in impls:  # what the project's XLA options buy
       impls.append("matmul+xla_defaults")
-    for impl in impls:
-      print(f"jax {name} {impl} ...", file=sys.stderr, flush=True)
-      rows.append(_subprocess_json([sys.executable, __file__, f"--one={name}:{impl}",
-                                    f"--batch={args.batch}", f"--steps={args.steps}"]))
+    runs = {impl: [] for impl in impls}
     if args.torch:
-      print(f"pytorch {name} ...", file=sys.stderr, flush=True)
-      torch_rows[name] = _subprocess_json([args.torch, str(HERE / "torch_shufflenet.py"), name,
-                                           str(args.batch), str(args.steps)])
+      runs["torch"] = []
+    for repeat in range(args.repeat):  # interleaved, so a noisy spell hits every row alike
+      for impl in runs:
+        print(f"{name} {impl} (run {repeat + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+        command = ([args.torch, str(HERE / "torch_shufflenet.py"), name, str(args.batch),
+                    str(args.steps)] if impl == "torch" else
+                   [sys.executable, __file__, f"--one={name}:{impl}", f"--batch={args.batch}",
+                    f"--steps={args.steps}"])
+        runs[impl].append(_subprocess_json(command))
+    for impl, results in runs.items():
+      if impl == "torch":
+        torch_rows[name] = _median(results)
+      else:
+        rows.append(_median(results))
   pipeline = measure_input_pipeline()
   header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
             f"date {datetime.date.today()}; command: python benchmarks/benchmark.py "
