@@ -37,9 +37,10 @@ MODELS = {  # name -> (get_model name, kwargs)
 }
 
 
-def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
-  """One model, one conv implementation, in this (fresh) process. `impl` may end in
-  `+xla_defaults`: then without the project's XLA options (parallel.compiler_options)."""
+def build(name: str, impl: str, batch: int):
+  """One model's jitted train step (SGD) and forward pass on random data, with the project's
+  XLA options unless `impl` ends in `+xla_defaults`. Returns (train_step, forward, state, x, y):
+  train_step(*state, x, y) -> (*state, loss); forward(params, batch_stats, x) -> logits."""
   sys.path.insert(0, str(HERE.parent))
   import jax
   import jax.numpy as jnp
@@ -56,7 +57,6 @@ def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
   model = get_model(model_name, conv_impl=conv_impl, **kwargs)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = optax.sgd(0.01, momentum=0.9)
-  opt_state = tx.init(params)
 
   def train_step(params, stats, opt_state, x, y):
     def loss_fn(params):
@@ -74,9 +74,18 @@ def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
+  return (jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=options),
+          jax.jit(forward, compiler_options=options), (params, stats, tx.init(params)), x, y)
+
+
+def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
+  """One model, one conv implementation, in this (fresh) process. `impl` may end in
+  `+xla_defaults`: then without the project's XLA options (parallel.compiler_options)."""
+  import jax
+
+  train_step, infer, (params, stats, opt_state), x, y = build(name, impl, batch)
   start = time.perf_counter()
-  step = jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=options).lower(
-      params, stats, opt_state, x, y).compile()
+  step = train_step.lower(params, stats, opt_state, x, y).compile()
   compile_s = time.perf_counter() - start
   params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
   jax.block_until_ready(loss)
@@ -86,7 +95,6 @@ def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
   jax.block_until_ready(loss)
   train_ips = batch * steps / (time.perf_counter() - start)
 
-  infer = jax.jit(forward, compiler_options=options)
   jax.block_until_ready(infer(params, stats, x))
   infer_steps = 4 * steps  # an inference step is ~5x shorter than a train step: time as many
   start = time.perf_counter()
