@@ -3,9 +3,10 @@
 Tensors are NHWC. Every grouped or depthwise convolution in the project goes through `conv2d`
 (or `Conv.grouped`), so the implementation is chosen in one place: XLA's `feature_group_count`
 convs, or `matmul` (much faster on XLA:CPU, BENCHMARKS.md): grouped 1x1 convs as einsums,
-depthwise convs and pooling as sums/maxima of shifted slices with their own VJPs, and ShuffleNet
-v1 stages in a group-major layout (`to_groups`) where grouped convs need no transposes and the
-channel shuffle is read by the depthwise conv. Both are tested equal, forward and backward.
+depthwise convs and pooling as shifted slices (depthwise and max pool with their own VJPs), and
+ShuffleNet v1 stages in a group-major layout (`to_groups`) where grouped convs need no
+transposes and the channel shuffle is read by the depthwise conv. Both are tested equal, forward
+and backward.
 """
 
 from __future__ import annotations
