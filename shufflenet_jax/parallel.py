@@ -19,7 +19,7 @@ DATA_AXIS = "data"
 # XLA:CPU runs independent ops of a step concurrently by default. The models' ops are bound by
 # memory traffic, and two at once evict each other's data from the cache; the memory-optimised
 # scheduler runs them one after another (each op still uses every core): the V1 1x g3 train step
-# is 1.15x faster with it on the 2-core CI machine (BENCHMARKS.md, "XLA options" row).
+# is 1.20x faster with it on the 2-core CI machine (BENCHMARKS.md, "matmul+xla_defaults" row).
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 

@@ -138,7 +138,9 @@ def _pad_hw(x, padding, value=0.0):
   return jnp.pad(x, config, constant_values=value)
 
 
-def _windows(xp, size, stride, out_h, out_w):
+def _windows(xp, size, stride, padding):
+  """The size x size window slices of xp (the input padded by `padding` on each side)."""
+  out_h, out_w = (_out_size(d - 2 * padding, size, stride, padding) for d in xp.shape[-3:-1])
   return [_window_slice(xp, i, j, out_h, out_w, stride) for i in range(size) for j in range(size)]
 
 
@@ -162,18 +164,17 @@ def _depthwise_shifted(x, weights, stride, padding, permute=None):
   weights [k, k, <broadcastable to x>], accumulated in float32, of `permute(x)` when given (a
   channel permutation, which XLA then fuses into the reads instead of copying x).
 
-  The custom VJP keeps only x for the backward pass: differentiating the slices directly makes
-  XLA materialise all k*k shifted copies of the input as residuals."""
+  The custom VJP keeps only the padded (permuted) input for the backward pass: differentiating
+  the slices directly makes XLA materialise all k*k shifted copies of it as residuals."""
   return _depthwise_vjp(x, _vary_like(weights, x), stride, padding, permute)
 
 
 def _depthwise_sum(xp, weights, stride, padding):
   """The depthwise conv of the padded input xp: k*k window slices times their weights."""
   size = weights.shape[0]
-  out_h, out_w = (_out_size(d - 2 * padding, size, stride, padding) for d in xp.shape[-3:-1])
   acc = _accumulator(xp.dtype)
   y = sum(window.astype(acc) * weights[k // size, k % size].astype(acc)
-          for k, window in enumerate(_windows(xp, size, stride, out_h, out_w)))
+          for k, window in enumerate(_windows(xp, size, stride, padding)))
   return y.astype(xp.dtype)
 
 
@@ -196,7 +197,7 @@ def _depthwise_bwd(stride, padding, permute, residuals, dy):
   acc = _accumulator(xp.dtype)
   dy = dy.astype(acc)
   dweights = jnp.stack([_sum_to_shape(window.astype(acc) * dy, weights.shape[2:])
-                        for window in _windows(xp, size, stride, *dy.shape[-3:-1])])
+                        for window in _windows(xp, size, stride, padding)])
   dweights = dweights.reshape(weights.shape)
   dxp = sum(_window_scatter(dy * weights[k // size, k % size].astype(acc), k // size, k % size,
                             xp.shape[-3], xp.shape[-2], stride) for k in range(size * size))
@@ -388,8 +389,7 @@ def _max_pool_shifted(x, size, stride, padding):
 
 
 def _max_pool_fwd(x, size, stride, padding):
-  out_h, out_w = (_out_size(d, size, stride, padding) for d in x.shape[-3:-1])
-  windows = _windows(_pad_hw(x, padding, -jnp.inf), size, stride, out_h, out_w)
+  windows = _windows(_pad_hw(x, padding, -jnp.inf), size, stride, padding)
   y, first = windows[0], jnp.zeros(windows[0].shape, jnp.int8)
   for index, window in enumerate(windows[1:], 1):
     first = jnp.where(window > y, jnp.int8(index), first)  # strictly greater: ties keep the first
@@ -422,8 +422,7 @@ def avg_pool(x: jax.Array, size: int = 3, stride: int = 2, padding: int = 1, *,
              impl: str = "xla") -> jax.Array:
   """Average pool that counts padded zeros, as PyTorch's AvgPool2d does by default."""
   if resolve_conv_impl(impl) == "matmul":  # linear: autodiff of the slices is one fused pass
-    out_h, out_w = (_out_size(d, size, stride, padding) for d in x.shape[1:3])
-    summed = sum(_windows(_pad_hw(x, padding), size, stride, out_h, out_w))
+    summed = sum(_windows(_pad_hw(x, padding), size, stride, padding))
   else:
     summed = _pool(x, 0.0, jax.lax.add, size, stride, padding)
   return summed / (size * size)
@@ -455,14 +454,15 @@ def sequential(modules):
   return apply
 
 
-def stem_and_stages(model) -> list[tuple[str, callable]]:
-  """The macro layout shared by the models: conv1, max pool (ImageNet stem), stage2..4."""
+def stem_and_stages(model, stage_fn=sequential) -> list[tuple[str, callable]]:
+  """The macro layout shared by the models: conv1, max pool (ImageNet stem), stage2..4, each
+  stage applied by `stage_fn(units)`."""
   layers = [("conv1", model.conv1)]
   if model.stem == "imagenet":
     impl = model.conv1.conv.conv_impl
     layers.append(("maxpool", lambda x, train: max_pool(x, impl=impl)))
   for index, stage in enumerate(model.stages):
-    layers.append((f"stage{index + 2}", sequential(stage)))
+    layers.append((f"stage{index + 2}", stage_fn(stage)))
   return layers
 
 

@@ -28,6 +28,7 @@ from shufflenet_jax.models.layers import (
     from_groups,
     pool_and_classify,
     regroup,
+    sequential,
     stem_and_stages,
     to_groups,
 )
@@ -100,7 +101,10 @@ class ShuffleV1Unit(nnx.Module):
     y = self.depthwise(y, train)
     if self.shuffle and self.shuffle_order == "official":  # Megvii: after the DW conv, inverse
       y = channel_unshuffle(y, self.groups)
-    y = self.expand(y, train)
+    return self._merge(x, self.expand(y, train))
+
+  def _merge(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """ReLU of the residual add (stride 1, any layout) or of [avg-pooled x, y] (stride 2, NHWC)."""
     if self.stride == 1:
       return jax.nn.relu(x + y)
     pooled = avg_pool(x, impl=self.conv_impl).astype(y.dtype)
@@ -124,9 +128,8 @@ class ShuffleV1Unit(nnx.Module):
       y = regroup(y, lambda t: channel_unshuffle(t, g))
     y = self.expand.grouped(y, train)
     if self.stride == 1:
-      return jax.nn.relu(x + y)
-    pooled = avg_pool(x, impl=self.conv_impl).astype(y.dtype)
-    return to_groups(jax.nn.relu(jnp.concatenate([pooled, from_groups(y)], axis=-1)), g)
+      return self._merge(x, y)
+    return to_groups(self._merge(x, from_groups(y)), g)
 
 
 def _group_major_stage(units):
@@ -177,11 +180,7 @@ class ShuffleNetV1(nnx.Module):
 
   def named_layers(self) -> list[tuple[str, callable]]:
     """Table-1 rows as (name, fn(x, train)), in order; `__call__` and the summary share them."""
-    layers = stem_and_stages(self)
-    if self.group_major:
-      layers = layers[:-len(self.stages)] + [
-          (f"stage{index + 2}", _group_major_stage(stage)) for index, stage in
-          enumerate(self.stages)]
+    layers = stem_and_stages(self, _group_major_stage if self.group_major else sequential)
     return layers + pool_and_classify(self)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
