@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-
-
-def convert(key: str, raw: str, default):
-  """Parses `raw` to the type of `default`; the error names the key, the value and the type."""
-  try:
-    if isinstance(default, bool):
-      if raw.lower() in _TRUE + _FALSE:
-        return raw.lower() in _TRUE
-      raise ValueError
-    if isinstance(default, int):
-      return int(raw)
-    if isinstance(default, float):
-      return float(raw)
-  except ValueError:
-    expected = f"one of {_TRUE + _FALSE}" if isinstance(default, bool) else type(default).__name__
-    raise ValueError(f"config arg {key}={raw!r} is not a valid {expected}") from None
-  return raw
-
-
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """big_vision-style `key=value,key=value` config args, typed by their defaults.
-
-  A bare `key` means `key=true`. Unknown keys are an error that lists the valid ones.
-  """
-  values = dict(defaults)
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    key, _, raw = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; valid args: {sorted(defaults)}")
-    values[key] = convert(key, raw if "=" in item else "true", defaults[key])
-  return ml_collections.ConfigDict(values)
-
-
-def check_choice(name: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f"config arg {name}={value!r} is not one of {tuple(choices)}")
-
+# The generic machinery lives in the package (config files load from any directory with it).
+from shufflenet_jax.config_files import (  # noqa: F401  used by the config files as common.*
+  check_choice,
+  convert,
+  load_config,
+  load_module,
+  parse_arg,
+  split_arg,
+)
 
 RECIPES = ("paper", "official")
 
@@ -200,29 +164,3 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.model_kwargs.stem = "small"
 
 
-def split_arg(arg: str | None, key: str, default: str) -> tuple[str, str]:
-  """(value of `key`, the other items) of a `key=value,...` arg: for configs that dispatch."""
-  value, rest = default, []
-  for item in (arg or "").split(","):
-    name, _, raw = item.strip().partition("=")
-    if name == key:
-      value = raw
-    elif item.strip():
-      rest.append(item.strip())
-  return value, ",".join(rest)
-
-
-def load_module(path: str, kind: str = "config", hint: str = ""):
-  """Executes the Python file at `path` (a config or experiment file) and returns its module."""
-  if not Path(path).is_file():
-    raise FileNotFoundError(f"{kind} file {path!r} does not exist{hint}")
-  module_spec = importlib.util.spec_from_file_location(f"_{kind}_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:args]` the way `--config=` does, for tests, sweeps and tools."""
-  path, _, arg = spec.partition(":")
-  return load_module(path).get_config(arg or None)

@@ -255,12 +255,11 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[str, list[dict]]:
   """Markdown table of every sweep run's estimated step time, steps, wall time and chip-hours
   on topology `name` (each run's train step compiled for it); also the rows as dicts."""
-  from configs import common
-  from shufflenet_jax import sweeps
+  from shufflenet_jax import config_files, sweeps
 
   rows, cache = [], {}
   for index, run in enumerate(runs, 1):
-    config = sweeps.apply_overrides(common.load_config(run.config), overrides)
+    config = sweeps.apply_overrides(config_files.load_config(run.config), overrides)
     key = (config.model, str(sorted(dict(config.model_kwargs).items())), config.batch_size,
            config.eval_batch_size, config.input_size, config.in_channels, config.num_classes,
            config.compute_dtype, config.bn_mode, config.conv_impl)

@@ -14,8 +14,7 @@ import datetime
 import io
 from pathlib import Path
 
-from configs import common
-from shufflenet_jax import complexity, metrics, summary, train
+from shufflenet_jax import complexity, config_files, metrics, summary, train
 from shufflenet_jax.sweeps import Run, load_experiment, workdir
 
 
@@ -32,7 +31,7 @@ class Cell:
 
 def _imagenet_config(run: Run):
   """The run's config without proxy/smoke: the model the paper's complexity refers to."""
-  return common.load_config(f"{run.config},proxy=false,smoke=false")
+  return config_files.load_config(f"{run.config},proxy=false,smoke=false")
 
 
 def collect(runs: list[Run], root: str) -> list[Cell]:
@@ -44,7 +43,7 @@ def collect(runs: list[Run], root: str) -> list[Cell]:
     params = complexity.count_params(model)
     directory = workdir(root, run)
     result = train.read_result(directory)
-    dataset = common.load_config(run.config).dataset
+    dataset = config_files.load_config(run.config).dataset
     if result is not None:
       status, step, error = "finished", result["step"], 100 * (1 - result["eval/top1"])
     else:

@@ -37,9 +37,9 @@ class Run:
 
 def load_experiment(path: str):
   """The experiment module at `path`; errors name the file and what it lacks."""
-  from configs import common
+  from shufflenet_jax import config_files
 
-  module = common.load_module(path, "experiment", " (see experiments/)")
+  module = config_files.load_module(path, "experiment", " (see experiments/)")
   for name in ("get_config", "sweep"):
     if not callable(getattr(module, name, None)):
       raise ValueError(f"experiment {path} has no {name}() function")
@@ -99,10 +99,13 @@ def tpu_command(run: Run, root: str, overrides: list[str], *, tpu: str, zone: st
   return f"{gcloud} --command={shlex.quote(remote)}"
 
 
-def run_local(runs: list[Run], root: str, overrides: list[str]) -> int:
+def run_local(runs: list[Run], root: str, overrides: list[str],
+              cluster_args: list[str] = ()) -> int:
   """Trains the runs one after another here: finished ones (result.json) are skipped, interrupted
   ones resume from their checkpoint. A SIGTERM/Ctrl-C lets the current run save, then stops the
-  sweep; rerunning the same command continues it. Returns the number of failed runs."""
+  sweep; rerunning the same command continues it. Returns the number of failed runs.
+  `cluster_args` (launch.py's multi-host flags of this host) go to every run: each host of a
+  cluster runs the same sweep, and each run is one multi-host job."""
   stop = {"signal": None}
 
   def handle(signum, frame):  # the child got the same signal (one process group) and saves
@@ -118,8 +121,11 @@ def run_local(runs: list[Run], root: str, overrides: list[str]) -> int:
         print(f"{header}: finished (step {result['step']}, top-1 {result['eval/top1']:.4f}), "
               "skipped", flush=True)
         continue
-      print(f"{header}: {train_command(run, root, overrides, sys.executable)}", flush=True)
-      code = subprocess.call([sys.executable, *train_args(run, root, overrides)])
+      # `-m shufflenet_jax` = launch.py, from the repository or an installed package alike
+      command = [sys.executable, "-m", "shufflenet_jax",
+                 *train_args(run, root, overrides)[1:], *cluster_args]
+      print(f"{header}: {shlex.join(command)}", flush=True)
+      code = subprocess.call(command)
       if stop["signal"] is not None:
         print(f"sweep interrupted during {run.name}; rerun the same command to resume",
               flush=True)
@@ -150,10 +156,10 @@ def run_tpu(commands: list[str]) -> int:
 
 def check_overrides(runs: list[Run], overrides: list[str]) -> None:
   """Every `--config.KEY=VALUE` names a key of every run's config (before any run starts)."""
-  from configs import common
+  from shufflenet_jax import config_files
 
   for run in runs:
-    config = common.load_config(run.config)
+    config = config_files.load_config(run.config)
     for override in overrides:
       path = override.removeprefix("--config.").split("=", 1)[0]
       node = config
@@ -169,7 +175,7 @@ def check_overrides(runs: list[Run], overrides: list[str]) -> None:
 
 def apply_overrides(config, overrides: list[str]):
   """`--config.KEY=VALUE` strings applied to a loaded config, typed by the value they replace."""
-  from configs import common
+  from shufflenet_jax import config_files
 
   for override in overrides:
     path, _, raw = override.removeprefix("--config.").partition("=")
@@ -180,5 +186,5 @@ def apply_overrides(config, overrides: list[str]):
     current = node[leaf]
     if isinstance(current, tuple | list):
       raise ValueError(f"{override}: tuple values cannot be overridden here; edit the config")
-    node[leaf] = common.convert(path, raw, current)
+    node[leaf] = config_files.convert(path, raw, current)
   return config

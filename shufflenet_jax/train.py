@@ -28,13 +28,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from shufflenet_jax import checkpointing, metrics, optim, parallel
+from shufflenet_jax import checkpointing, config_check, metrics, optim, parallel
 from shufflenet_jax.data import pipeline
 from shufflenet_jax.models import get_model
 
-BN_MODES = ("global", "per_device")
-COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-RESUME_MODES = ("auto", "force", "never")
+COMPUTE_DTYPES = dict(zip(config_check.COMPUTE_DTYPES, (None, jnp.bfloat16)))
 # Keys that may differ between a workdir's config.json and a resumed run's config.
 RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                      "keep_checkpoints", "num_workers", "data_dir", "tfds_data_dir", "resume",
@@ -80,11 +78,7 @@ def workdir_lock(workdir: Path):
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  for key, valid in (("bn_mode", BN_MODES), ("compute_dtype", tuple(COMPUTE_DTYPES)),
-                     ("resume", RESUME_MODES), ("dataset", pipeline.DATASETS),
-                     ("lr_schedule", optim.SCHEDULES)):
-    if config[key] not in valid:
-      raise ValueError(f"{key}={config[key]!r} is not one of {valid}")
+  config_check.validate(config)
   build_model(config, abstract=True)  # unknown model or bad model arguments: fail before any work
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from configs import common
+from shufflenet_jax import config_check
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py")
@@ -85,3 +87,67 @@ def test_summary_cli_prints_table_and_json():
   assert summary["model"] == "shufflenet_v1" and summary["input_size"] == 224
   assert summary["macs"] == pytest.approx(40e6, rel=0.015)
   assert summary["params"] > 0
+
+
+def _bad_value(key, default):
+  """A value of the key's type that its rule in config_check.RULES rejects."""
+  if isinstance(default, tuple):
+    return (0.5, 0.1)
+  candidates = [-1, 0] if isinstance(default, int) else [-1.0, float("nan"), 1.5]
+  rule = config_check.RULES[key][0]
+  return next(c for c in candidates if not rule(c))
+
+
+def test_every_shipped_config_passes_validation():
+  for spec in CONFIG_FILES:
+    config_check.validate(load(spec))
+  config_check.validate(load("configs/shufflenet_v1.py:recipe=official"))
+  config_check.validate(load("configs/default.py:smoke"))
+
+
+@pytest.mark.parametrize("key", sorted(config_check.CHOICES))
+def test_a_bad_choice_names_the_key_the_value_and_the_choices(key):
+  config = load("configs/default.py")
+  config[key] = "bogus"
+  choices = re.escape(repr(config_check.CHOICES[key]))
+  with pytest.raises(ValueError, match=rf"^config {key}='bogus' is not one of {choices}$"):
+    config_check.validate(config)
+
+
+@pytest.mark.parametrize("key", sorted(config_check.RULES))
+def test_a_value_out_of_range_names_the_key_the_value_and_the_rule(key):
+  config = load("configs/default.py")
+  bad = _bad_value(key, config[key])
+  config[key] = bad
+  valid = re.escape(config_check.RULES[key][1])
+  with pytest.raises(ValueError, match=rf"^config {key}={re.escape(repr(bad))} is not valid: "
+                                       rf"must be {valid}$"):
+    config_check.validate(config)
+
+
+def test_epochs_that_train_nothing_are_refused():
+  config = load("configs/default.py")
+  config.num_epochs, config.total_steps = 0.0, 0
+  with pytest.raises(ValueError, match="num_epochs=0.0 with total_steps=0 trains nothing"):
+    config_check.validate(config)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.total_steps=-1", "config total_steps=-1 is not valid: must be an integer >= 0 "
+                               "(0: use num_epochs)"),
+    ("--config.augment=flip", "config augment='flip' is not one of ('small', 'imagenet')"),
+    ("--config.lr=nan", "config lr=nan is not valid: must be a finite number >= 0"),
+    ("--config.conv_impl=fast", "config conv_impl='fast' is not one of ('auto', 'xla', "
+                                "'matmul')"),
+])
+def test_launch_train_refuses_a_bad_value_in_one_line_and_writes_nothing(flag, message,
+                                                                         tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "launch.py", "train", "--config=configs/default.py",
+                           f"--workdir={workdir}", flag], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == f"error: {message}", result.stderr
+  assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+      f"error: {message}"]
+  assert not workdir.exists()

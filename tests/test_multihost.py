@@ -1,23 +1,22 @@
-"""A real 2-process cluster on 127.0.0.1 (jax.distributed, gloo collectives), 2 CPU devices each."""
+"""A real 2-process cluster on 127.0.0.1 (jax.distributed, gloo collectives), 2 CPU devices each,
+started exactly as the README tells cluster users: `launch.py train|eval|sweep --local` with
+--coordinator_address, --num_processes and --process_id on every process."""
 
-import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests import fake_data
+from shufflenet_jax import metrics, train
+from tests import fake_data, processes
 
 pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "multihost_worker.py"
+ROOT = processes.ROOT
+SMOKE = "configs/default.py:smoke,scale=0.25"
 
 
 def _free_port() -> int:
@@ -32,54 +31,58 @@ def data(tmp_path_factory):
   return fake_data.write_fashion_mnist(root / "idx"), root / "tfds"
 
 
-def _launch(mode, out, data, num_processes, devices, steps=6):
+def _config_flags(data, **overrides) -> list[str]:
   idx, tfds_dir = data
+  values = dict(data_dir=idx, tfds_data_dir=tfds_dir, batch_size=16, eval_batch_size=16,
+                total_steps=6, eval_every_steps=3, checkpoint_every_steps=3, log_every_steps=1)
+  values.update(overrides)
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def _process(args, log_dir, *, port, process_id, num_processes, devices=2, timeout_seconds=60):
+  """One process of a job: the job's `launch.py` command line with this process's id."""
+  cluster = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+              f"--process_id={process_id}", "--heartbeat_timeout_seconds=10",
+              f"--initialization_timeout_seconds={timeout_seconds}"] if num_processes > 1 else [])
+  return processes.start([sys.executable, "launch.py", *args, *cluster], log_dir,
+                         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+
+
+def _launch(args, log_dir, num_processes=2, devices=2):
+  """Every process of a job: the same command line, each with its own --process_id."""
   port = _free_port()
-  env = {**os.environ, "STEPS": str(steps)}
-  env.pop("XLA_FLAGS", None)
-  processes = []
-  for i in range(num_processes):
-    log = open(out / f"{mode}_{num_processes}_{i}_{port}.log", "w")  # a file: a full pipe blocks
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER), mode, str(i), str(num_processes), str(port), str(devices),
-         str(out), str(idx), str(tfds_dir)], cwd=ROOT, env=env, stdout=log,
-        stderr=subprocess.STDOUT, text=True)
-    process.log_path = Path(log.name)
-    log.close()
-    processes.append(process)
-  return processes
+  return [_process(args, log_dir, port=port, process_id=i, num_processes=num_processes,
+                   devices=devices) for i in range(num_processes)]
 
 
-def _finish(processes, timeout=300):
+def _finish(started, timeout=300):
   """Waits for every process; on a failure or timeout, kills all and shows every output."""
   deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline and any(p.poll() is None for p in processes):
-    if any(p.poll() not in (None, 0) for p in processes):
+  while time.monotonic() < deadline and any(p.poll() is None for p in started):
+    if any(p.poll() not in (None, 0) for p in started):
       break  # one failed: the others may wait for it forever
     time.sleep(0.2)
-  for p in processes:
+  for p in started:
     if p.poll() is None:
       p.kill()
     p.wait()
-  outputs = [p.log_path.read_text() for p in processes]
+  outputs = [p.output() for p in started]
   report = "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
-                     for i, (p, out) in enumerate(zip(processes, outputs)))
-  assert all(p.returncode == 0 for p in processes), report
+                     for i, (p, out) in enumerate(zip(started, outputs)))
+  assert all(p.returncode == 0 for p in started), report
   return outputs
 
 
-def _wait_until_training(processes, out, lines: int = 3, timeout: float = 180) -> None:
-  metrics_file = out / "run" / "metrics.jsonl"
-  deadline = time.monotonic() + timeout
-  while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= lines):
-    assert time.monotonic() < deadline, f"no training after {timeout}s"
-    assert all(p.poll() is None for p in processes), processes[0].log_path.read_text()[-3000:]
-    time.sleep(0.2)
-
-
-def test_two_processes_match_one_process_on_the_same_global_batches(data, tmp_path):
-  _finish(_launch("steps", tmp_path, data, 2, 2))
-  _finish(_launch("steps", tmp_path, data, 1, 4))
+def test_two_processes_compute_the_train_step_of_one_process_on_the_same_global_batches(
+    tmp_path):
+  """The train step's math across processes: fixed global batches, each process feeding its
+  slice (tests/multihost_worker.py), against 1 process x 4 devices."""
+  port = _free_port()
+  worker = str(ROOT / "tests" / "multihost_worker.py")
+  jobs = [[processes.start([sys.executable, worker, str(i), str(n), str(port), str(4 // n),
+                            str(tmp_path)], tmp_path) for i in range(n)] for n in (2, 1)]
+  for job in jobs:
+    _finish(job)
   reference = np.load(tmp_path / "params_1_0.npz")
   for process in (0, 1):
     params = np.load(tmp_path / f"params_2_{process}.npz")
@@ -88,43 +91,121 @@ def test_two_processes_match_one_process_on_the_same_global_batches(data, tmp_pa
       np.testing.assert_allclose(params[key], reference[key], rtol=1e-5, atol=1e-6)
 
 
-def test_two_process_training_evaluates_exactly_and_checkpoints_both_iterators(data, tmp_path):
-  outputs = _finish(_launch("train", tmp_path, data, 2, 2))
-  results = [json.loads((tmp_path / f"result_train_2_{i}.json").read_text()) for i in (0, 1)]
-  for result in results:
-    assert result["process_count"] == 2
-    assert result["eval/num_examples"] == 37  # every example once across both processes
-  assert results[0]["eval/top1"] == results[1]["eval/top1"]
+def test_two_launch_processes_are_one_job_that_resumes_on_both(data, tmp_path):
+  """`launch.py train` on 2 processes x 2 devices, stopped at step 3 by the end of the first
+  command and resumed by the second; then `launch.py eval` of the result on both."""
   run = tmp_path / "run"
-  lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-  assert len(lines) == 6 + 2  # one line per train step and per eval: process 0 alone writes
-  assert "Done: step 6" in outputs[0] and "Done: step" not in outputs[1]
-  data_files = sorted(p.name for p in (run / "checkpoints" / "6" / "data").glob("*.json"))
+  outputs = _finish(_launch(["train", f"--config={SMOKE}", f"--workdir={run}",
+                             *_config_flags(data, total_steps=3)], tmp_path))
+  for i, output in enumerate(outputs):
+    assert f"process {i} of 2: 2 local device(s), 4 global device(s) (cpu)" in output
+  assert "in 2 process(es)" in outputs[0] and "Done: step 3" in outputs[0]
+  assert "Done: step" not in outputs[1]  # process 0 alone reports and writes
+  data_files = sorted(p.name for p in (run / "checkpoints" / "3" / "data").glob("*.json"))
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
-  # Both processes restore the same checkpoint (the finished run is re-evaluated).
-  outputs = _finish(_launch("train", tmp_path, data, 2, 2))
-  assert "already holds the finished run (step 6)" in outputs[0]
+
+  outputs = _finish(_launch(["train", f"--config={SMOKE}", f"--workdir={run}",
+                             *_config_flags(data)], tmp_path))
+  assert "Resuming from checkpoint at step 3" in outputs[0] and "Done: step 6" in outputs[0]
+  lines = metrics.read_metrics(str(run))
+  assert [line["step"] for line in lines if "train/loss" in line] == [1, 2, 3, 4, 5, 6]
+  evals = [line for line in lines if "eval/top1" in line]
+  assert [line["step"] for line in evals] == [3, 6]  # one line per step, not one per process
+  assert all(line["eval/num_examples"] == 37 for line in evals)  # every example once
+
+  outputs = _finish(_launch(["eval", f"--workdir={run}"], tmp_path))
+  assert f"step 6: top-1 {evals[-1]['eval/top1']:.4f}" in outputs[0]
+  assert "on 37 examples" in outputs[0]
+  assert "process 1 of 2" in outputs[1] and "step 6: top-1" not in outputs[1]
+
+
+TWO_RUN_SWEEP = '''
+from configs.default import get_config  # noqa: F401
+
+
+def sweep(add):
+  add(row="a", col="x", family="f", groups=3, smoke=True)
+  add(row="b", col="x", family="f", groups=2, smoke=True)
+'''
+
+
+def test_sweep_local_runs_each_run_as_one_two_process_job(data, tmp_path):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(TWO_RUN_SWEEP)
+  root = tmp_path / "runs"
+  outputs = _finish(_launch(["sweep", f"--experiment={experiment}", f"--root={root}", "--local",
+                             *_config_flags(data, total_steps=2, eval_every_steps=2)], tmp_path),
+                    timeout=400)
+  for i, output in enumerate(outputs):
+    assert output.count(f"process {i} of 2: 2 local device(s), 4 global device(s)") == 2
+    assert "sweep: 2/2 runs finished" in output
+  for run in root.iterdir():
+    assert train.read_result(run)["step"] == 2
+    assert sorted(p.name for p in (run / "checkpoints" / "2" / "data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_a_dead_process_takes_the_job_down_quickly_with_a_message(data, tmp_path):
-  processes = _launch("train", tmp_path, data, 2, 2, steps=100_000)
-  _wait_until_training(processes, tmp_path)
-  processes[1].kill()
+  started = _launch(["train", f"--config={SMOKE}", f"--workdir={tmp_path / 'run'}",
+                     *_config_flags(data, total_steps=100_000)], tmp_path)
+  processes.wait_for_step(tmp_path / "run", 3, started[0])
+  started[1].kill()
   killed_at = time.monotonic()
-  processes[0].wait(timeout=120)
-  output = processes[0].log_path.read_text()
-  assert time.monotonic() - killed_at < 60  # heartbeat timeout 10 s in the worker
-  assert processes[0].returncode != 0
+  started[0].wait(timeout=120)
+  output = started[0].output()
+  assert time.monotonic() - killed_at < 60  # --heartbeat_timeout_seconds=10
+  assert started[0].returncode != 0
   assert "another task died" in output or "stopped sending heartbeats" in output
 
 
 def test_sigterm_on_one_host_saves_on_every_host_at_the_same_step(data, tmp_path):
-  processes = _launch("train", tmp_path, data, 2, 2, steps=100_000)
-  _wait_until_training(processes, tmp_path)
-  processes[0].send_signal(signal.SIGTERM)  # the notice reaches one host only
-  outputs = _finish(processes, timeout=120)
+  workdir = tmp_path / "run"
+  started = _launch(["train", f"--config={SMOKE}", f"--workdir={workdir}",
+                     *_config_flags(data, total_steps=100_000)], tmp_path)
+  processes.wait_for_step(workdir, 3, started[0])
+  started[0].send_signal(signal.SIGTERM)  # the notice reaches one host only
+  outputs = _finish(started, timeout=120)
   assert "SIGTERM: saved a checkpoint at step" in outputs[0]
   step = int(outputs[0].split("saved a checkpoint at step ")[1].split()[0])
-  data_dir = tmp_path / "run" / "checkpoints" / str(step) / "data"
+  data_dir = workdir / "checkpoints" / str(step) / "data"
   assert sorted(p.name for p in data_dir.glob("*.json")) == ["process_0-of-2.json",
                                                               "process_1-of-2.json"]
+
+
+def _one_error_line(process, timeout: float) -> str:
+  process.wait(timeout=timeout)
+  output = process.output().strip()
+  errors = [line for line in output.splitlines() if line.startswith("error:")]
+  assert process.returncode == 1 and len(errors) == 1, output[-3000:]
+  assert "Traceback" not in output and "Check failure" not in output, output[-3000:]
+  return errors[0]
+
+
+def test_a_wrong_cluster_ends_in_one_line_on_every_process_within_the_timeout(data, tmp_path):
+  args = ["train", f"--config={SMOKE}", f"--workdir={tmp_path / 'run'}", *_config_flags(data)]
+  start = time.monotonic()
+  out_of_range = _process(args, tmp_path, port=_free_port(), process_id=2, num_processes=2)
+  unreachable = _process(args, tmp_path, port=_free_port(), process_id=1, num_processes=2,
+                         timeout_seconds=5)  # no process 0 anywhere
+  port = _free_port()
+  counts = [_process(args, tmp_path, port=port, process_id=i, num_processes=n)
+            for i, n in ((0, 2), (1, 3))]
+  missing = _process(args, tmp_path, port=_free_port(), process_id=0, num_processes=3,
+                     timeout_seconds=5)  # processes 1 and 2 never start
+  assert "--process_id=2 is not in [0, 2)" in _one_error_line(out_of_range, 60)
+  assert "could not reach the coordinator" in _one_error_line(unreachable, 60)
+  for process in counts:
+    assert "started with --num_processes=3, process 0 with 2" in _one_error_line(process, 60)
+  assert "only 1 of 3 processes joined within 5 s; missing --process_id [1, 2]" in (
+      _one_error_line(missing, 60))
+  assert time.monotonic() - start < 90
+  assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_cluster_flags_go_together(data, tmp_path):
+  result = processes.run([sys.executable, "launch.py", "train", f"--config={SMOKE}",
+                          f"--workdir={tmp_path / 'run'}", "--num_processes=2"])
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      "error: a multi-host job needs --coordinator_address, --num_processes and --process_id "
+      "together; missing ['--coordinator_address', '--process_id']"]

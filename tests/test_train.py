@@ -201,7 +201,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     train.train_and_evaluate(tiny_config, str(tmp_path))
   latest = checkpointing.Checkpointer(str(tmp_path)).latest_step()
   bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
-  assert latest is None or latest < bad_step
+  assert bad_step >= 2  # step 1 starts from finite initial weights
+  assert latest == bad_step - 1  # checkpoint_every_steps=1: every finite step was saved
+  step, _, state = train.restore_train_state(tiny_config, str(tmp_path), parallel.make_mesh())
+  assert step == latest
+  assert all(np.isfinite(leaf).all() for leaf in _leaves(state["params"]))
   if latest is not None:
     _, state = _final_params(tmp_path, tiny_config)
     assert all(np.all(np.isfinite(x)) for x in _leaves(state["params"]))
@@ -229,12 +233,23 @@ def test_missing_data_dir_says_how_to_get_the_data(tiny_config, tmp_path):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_config):
-  tiny_config.compute_dtype = "bfloat16"
+  images = _random_batch(16)["image"]
+  logits = {}
+  for dtype in ("float32", "bfloat16"):
+    tiny_config.compute_dtype = dtype
+    model = train.build_model(tiny_config)
+    activations = model.conv1(jnp.asarray(images), train=False)  # the layers compute in dtype
+    assert activations.dtype == (jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    logits[dtype] = model(jnp.asarray(images), train=False)
+    assert logits[dtype].dtype == jnp.float32
+  difference = np.abs(np.asarray(logits["bfloat16"]) - np.asarray(logits["float32"]))
+  assert 0 < difference.max() < 0.05  # bfloat16 rounding, not another function
   mesh, tx, graphdef, state = _setup(tiny_config)
   step = train.make_train_step(graphdef, tx, tiny_config, mesh)
   state, m = step(state, parallel.global_batch(_random_batch(16), mesh))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
-  assert np.isfinite(float(m["loss"]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["batch_stats"]))
+  assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
 
 
 def test_eval_checkpoint_without_checkpoint_is_a_clear_error(tiny_config, tmp_path):

@@ -36,8 +36,8 @@ def import_weights(source: str, weights: str, workdir: str,
   state_dict = torch_pickle.load_state_dict(weights)
   kwargs = read_kwargs(state_dict)
   if config is None:
-    from configs import common
-    config = common.load_config(spec.format(**kwargs))
+    from shufflenet_jax import config_files
+    config = config_files.load_config(spec.format(**kwargs))
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes, config.in_channels = kwargs["num_classes"], kwargs["in_channels"]
   model = train.build_model(config)

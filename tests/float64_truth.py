@@ -1,0 +1,130 @@
+"""Float64 truth for the numerics tests: the same weights and inputs computed in float64.
+
+A model is piecewise smooth: ReLU switches where its input crosses zero. Float32 rounding moves
+a pre-activation that lies within ~1e-6 of zero to the other side (measured: -9.3e-7 in float64,
++3.5e-7 in float32 in one of 7,680 values of v1 g3's stage3 unit 5), and the float32 gradient
+is then the exact gradient of a neighbouring branch: 1e-2 away from float64's, for either conv
+implementation, depending only on how the CPU rounded. So the reference replays the ReLU
+decisions of the float32 run it checks (`relu_decisions`), and the float64 run is the XLA
+formulation (standard convs, plain autodiff), never the custom VJPs under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shufflenet_jax import parallel
+from shufflenet_jax.models import get_model, layers
+
+_RELU = jax.nn.relu
+
+
+def _as_layout_of(mask, x):
+  """A recorded decision in x's layout: group-major [g, N, H, W, c] and NHWC convert."""
+  if mask.shape == x.shape:
+    return mask
+  if mask.ndim == 5 and x.ndim == 4:
+    return layers.from_groups(mask)
+  if mask.ndim == 4 and x.ndim == 5:
+    return layers.to_groups(mask, x.shape[0])
+  raise ValueError(f"recorded ReLU decision {mask.shape} does not fit an input {x.shape}")
+
+
+@contextlib.contextmanager
+def relu_decisions(record: list | None = None, replay=None):
+  """While active, every `jax.nn.relu` appends `x > 0` to `record`, or applies the next mask of
+  `replay` (recorded in either layout) instead of its own comparison."""
+  masks = iter(replay) if replay is not None else None
+
+  def relu(x):
+    if masks is not None:
+      return jnp.where(_as_layout_of(next(masks), x), x, jnp.zeros((), x.dtype))
+    record.append(x > 0)
+    return _RELU(x)
+
+  jax.nn.relu = relu
+  try:
+    yield
+  finally:
+    jax.nn.relu = _RELU
+
+
+def error(value, truth) -> float:
+  """max |value - truth|, relative to max(1, max |truth|) (the tests' scale-aware metric)."""
+  truth = np.asarray(truth, np.float64)
+  scale = max(1.0, float(np.abs(truth).max())) if truth.size else 1.0
+  return float(np.abs(np.asarray(value, np.float64) - truth).max(initial=0.0) / scale)
+
+
+def _as_float64(tree):
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)
+                      if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _train_step_outputs(graphdef, state, x):
+  """(loss, gradients, BN statistics after the step, recorded ReLU decisions) of one train-mode
+  forward/backward of sum(logits^2)."""
+  def loss(params, rest):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    record = []
+    with relu_decisions(record=record):
+      logits = model(x, train=True)
+    return jnp.sum(logits.astype(jnp.float32) ** 2), (nnx.state(model, nnx.BatchStat), record)
+
+  params, rest = state
+  (value, (stats, record)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest)
+  return value, grads, stats, record
+
+
+def float32_run(name: str, kwargs: dict, impl: str, x):
+  """What training computes: one jitted train-mode step of the model (compiler options as
+  train.py uses them), plus its eval-mode logits."""
+  model = get_model(name, conv_impl=impl, seed=0, **kwargs)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  options = parallel.compiler_options()
+  value, grads, stats, record = jax.jit(
+      lambda s, x: _train_step_outputs(graphdef, s, x), compiler_options=options)(
+          (params, rest), x)
+  logits = jax.jit(lambda s, x: nnx.merge(graphdef, *s)(x, train=False),
+                   compiler_options=options)((params, rest), x)
+  return dict(loss=value, grads=grads, stats=stats, logits=logits,
+              masks=[np.asarray(m) for m in record])
+
+
+def float64_runs(name: str, kwargs: dict, x, mask_sets):
+  """The XLA formulation in float64 with the same weights (get_model's seed-0 init), once for
+  each set of ReLU decisions in `mask_sets`."""
+  model = get_model(name, conv_impl="xla", seed=0, **kwargs)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = jax.device_get((params, rest))
+
+  def run(state, x, masks):
+    def loss(params, rest):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      with relu_decisions(replay=masks):
+        logits = model(x, train=True)
+      return jnp.sum(logits ** 2), nnx.state(model, nnx.BatchStat)
+    (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(*state)
+    return dict(loss=value, grads=grads, stats=stats)
+
+  with jax.enable_x64(True):
+    state, x64 = _as_float64((params, rest)), _as_float64(x)
+    step = jax.jit(run)  # the masks are arguments: one compile serves every set
+    logits = jax.jit(lambda s, x: nnx.merge(graphdef, *s)(x, train=False))(state, x64)
+    results = [jax.device_get(step(state, x64, masks)) for masks in mask_sets]
+    for result in results:
+      result["logits"] = np.asarray(logits)
+  return results
+
+
+def tree_error(values, truth) -> dict[str, float]:
+  """error() of every leaf, keyed by its path."""
+  flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in jax.tree.leaves_with_path(tree)}
+  values, truth = flat(values), flat(truth)
+  assert values.keys() == truth.keys()
+  return {k: error(values[k], truth[k]) for k in values}
