@@ -60,9 +60,15 @@ train: setup data
 lint: setup-dev
 	$(PY) -m ruff check .
 
+# On an AVX-512 CPU the numerics tests run a second time with AVX2 code (what CPUs without
+# AVX-512 run: XLA:CPU generates different code for each), so both kinds are checked here.
 test: setup-dev setup-tflite
 	$(PY) -m ruff check .
 	TFLITE_PYTHON=$(TFLITE_VENV)/bin/python $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	@if grep -q avx512 /proc/cpuinfo 2>/dev/null; then \
+	  echo "AVX-512 CPU: the numerics tests again with AVX2 code (XLA_FLAGS=--xla_cpu_max_isa=AVX2)"; \
+	  XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=AVX2" $(PY) -m pytest -n 2 -m numerics --durations=5 $(PYTEST_ARGS); \
+	fi
 
 clean:
 	rm -rf $(VENV) $(TFLITE_VENV) workdirs .pytest_cache .ruff_cache

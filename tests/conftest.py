@@ -1,10 +1,17 @@
-"""Every test sees 8 fake CPU devices (set before JAX starts) and no network."""
+"""Every test sees 8 fake CPU devices (set before JAX starts) and no network.
+
+Programs compile without most of XLA's optimisations (JAX_DISABLE_MOST_OPTIMIZATIONS, inherited
+by the launch.py processes tests start): a test of training logic, checkpoints or the command
+line does not need fast code, and compiling is most of its time. Tests marked `numerics` compare
+fast paths with the truth and run the optimised code users run.
+"""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
@@ -16,6 +23,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 import pytest  # noqa: E402
 
 from tests import fake_data  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _optimised_code_for_numerics(request):
+  """`numerics` tests compile with XLA's optimisations, as training does."""
+  if request.node.get_closest_marker("numerics") is None:
+    yield
+    return
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(scope="session")

@@ -81,27 +81,37 @@ def _train_step_outputs(graphdef, state, x):
   return value, grads, stats, record
 
 
-def float32_run(name: str, kwargs: dict, impl: str, x):
-  """What training computes: one jitted train-mode step of the model (compiler options as
-  train.py uses them), plus its eval-mode logits."""
-  model = get_model(name, conv_impl=impl, seed=0, **kwargs)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  options = parallel.compiler_options()
-  value, grads, stats, record = jax.jit(
-      lambda s, x: _train_step_outputs(graphdef, s, x), compiler_options=options)(
-          (params, rest), x)
-  logits = jax.jit(lambda s, x: nnx.merge(graphdef, *s)(x, train=False),
-                   compiler_options=options)((params, rest), x)
+def weights(name: str, kwargs: dict) -> tuple:
+  """(params, other state) of get_model's seed-0 initialisation, on the host: the same for every
+  conv implementation (they share parameters, checkpoints and layouts)."""
+  _, params, rest = nnx.split(get_model(name, conv_impl="xla", seed=0, **kwargs), nnx.Param, ...)
+  return jax.device_get((params, rest))
+
+
+def _graphdef(name: str, kwargs: dict, impl: str):
+  model = get_model(name, conv_impl=impl, abstract=True, **kwargs)
+  return nnx.split(model, nnx.Param, ...)[0]
+
+
+def float32_run(name: str, kwargs: dict, impl: str, state, x):
+  """What training computes: one jitted train-mode step of the model on `state` (compiler
+  options as train.py uses them), plus its eval-mode logits."""
+  graphdef = _graphdef(name, kwargs, impl)
+
+  def step(state, x):
+    value, grads, stats, record = _train_step_outputs(graphdef, state, x)
+    return value, grads, stats, record, nnx.merge(graphdef, *state)(x, train=False)
+
+  value, grads, stats, record, logits = jax.jit(
+      step, compiler_options=parallel.compiler_options())(state, x)
   return dict(loss=value, grads=grads, stats=stats, logits=logits,
               masks=[np.asarray(m) for m in record])
 
 
-def float64_runs(name: str, kwargs: dict, x, mask_sets):
-  """The XLA formulation in float64 with the same weights (get_model's seed-0 init), once for
-  each set of ReLU decisions in `mask_sets`."""
-  model = get_model(name, conv_impl="xla", seed=0, **kwargs)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = jax.device_get((params, rest))
+def float64_runs(name: str, kwargs: dict, state, x, mask_sets):
+  """The XLA formulation in float64 on the same weights, once for each set of ReLU decisions in
+  `mask_sets` (compiled without XLA's optimisations: the truth need not be fast)."""
+  graphdef = _graphdef(name, kwargs, "xla")
 
   def run(state, x, masks):
     def loss(params, rest):
@@ -110,16 +120,18 @@ def float64_runs(name: str, kwargs: dict, x, mask_sets):
         logits = model(x, train=True)
       return jnp.sum(logits ** 2), nnx.state(model, nnx.BatchStat)
     (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(*state)
-    return dict(loss=value, grads=grads, stats=stats)
+    return dict(loss=value, grads=grads, stats=stats,
+                logits=nnx.merge(graphdef, *state)(x, train=False))
 
-  with jax.enable_x64(True):
-    state, x64 = _as_float64((params, rest)), _as_float64(x)
-    step = jax.jit(run)  # the masks are arguments: one compile serves every set
-    logits = jax.jit(lambda s, x: nnx.merge(graphdef, *s)(x, train=False))(state, x64)
-    results = [jax.device_get(step(state, x64, masks)) for masks in mask_sets]
-    for result in results:
-      result["logits"] = np.asarray(logits)
-  return results
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    with jax.enable_x64(True):
+      step = jax.jit(run)  # the masks are arguments: one compile serves every set
+      state, x = _as_float64(state), _as_float64(x)
+      return [jax.device_get(step(state, x, masks)) for masks in mask_sets]
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def tree_error(values, truth) -> dict[str, float]:

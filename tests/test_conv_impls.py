@@ -11,6 +11,8 @@ from shufflenet_jax.models import get_model, layers
 from shufflenet_jax.models.layers import conv2d
 from tests import float64_truth as f64
 
+pytestmark = pytest.mark.numerics  # optimised code; `make test` reruns these with AVX2 code
+
 CASES = [  # (in, out, kernel, stride, groups)
     (12, 24, 1, 1, 1),    # dense pointwise
     (12, 24, 1, 1, 3),    # grouped pointwise (ShuffleNet GConv)
@@ -23,18 +25,19 @@ CASES = [  # (in, out, kernel, stride, groups)
 TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
-# Float32 resolution: an error below one unit in the last place at unit scale is not meaningful.
+# Below a few units in the last place at unit scale, which of two float32 sums of the same ~100
+# terms is closer to the truth is the summation order's luck, not a property of the method.
 F32_ULP = 2.0 ** -23
 BF16_ULP = 2.0 ** -7
+ULPS = 4
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("size", [7, 8])
 def test_matmul_is_as_close_to_float64_as_xla_forward_and_gradients(case, dtype, size):
   """Each conv, its input gradient and its kernel gradient, in both implementations, against
-  the same conv in float64: the matmul path's error is at most twice XLA's (or one ulp)."""
+  the same conv in float64: the matmul path's error is at most twice XLA's (or ULPS ulps)."""
   cin, cout, k, stride, groups = case
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, size, size, cin), dtype)
@@ -51,7 +54,7 @@ def test_matmul_is_as_close_to_float64_as_xla_forward_and_gradients(case, dtype,
   reference, fast = run("xla", x, kernel), run("matmul", x, kernel)
   with jax.enable_x64(True):
     truth = jax.device_get(run("xla", *(jnp.asarray(a, jnp.float64) for a in (x, kernel))))
-  floor = F32_ULP if dtype == jnp.float32 else BF16_ULP
+  floor = ULPS * (F32_ULP if dtype == jnp.float32 else BF16_ULP)
   for a, b, t in zip(reference, fast, truth):
     assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
@@ -59,13 +62,14 @@ def test_matmul_is_as_close_to_float64_as_xla_forward_and_gradients(case, dtype,
     assert f64.error(b, t) <= 2 * max(f64.error(a, t), floor), (f64.error(b, t), f64.error(a, t))
 
 
-WHOLE_MODELS = [
-    ("shufflenet_v1", dict(groups=3, scale=0.5)),
-    ("shufflenet_v1", dict(groups=8, scale=0.25)),
-    ("shufflenet_v1", dict(groups=2, scale=0.5, shuffle=False)),
-    ("shufflenet_v1", dict(groups=4, scale=0.5, shuffle_order="official")),
-    ("shufflenet_v1", dict(groups=3, scale=0.25, stem="imagenet")),  # max pool in the stem
-    ("shufflenet_v1", dict(groups=1, scale=0.25)),
+WHOLE_MODELS = [  # V1 shallow (half the units, every kind of unit): compiling is the cost
+    ("shufflenet_v1", dict(groups=3, scale=0.5, shallow=True)),
+    ("shufflenet_v1", dict(groups=8, scale=0.25, shallow=True)),
+    ("shufflenet_v1", dict(groups=2, scale=0.5, shuffle=False, shallow=True)),
+    ("shufflenet_v1", dict(groups=4, scale=0.5, shuffle_order="official", shallow=True)),
+    ("shufflenet_v1", dict(groups=3, scale=0.25, stem="imagenet", shallow=True)),  # max pool
+    ("shufflenet_v1", dict(groups=1, scale=0.25, shallow=True)),
+    ("shufflenet_v1", dict(groups=3, scale=0.5)),  # the full depth once
     ("shufflenet_v2", dict(scale=0.5)),
     ("shufflenet_v2", dict(scale=0.5, stem="imagenet")),
     ("shufflenet_v2", dict(scale=0.5, layout="official")),
@@ -75,12 +79,11 @@ WHOLE_MODELS = [
     ("mobilenet_v1", dict(width=0.25)),
 ]
 # Float32 gradients of these models lie about 1e-5 from float64 (measured on AVX2 and AVX-512
-# code, both implementations; the stem=imagenet models up to 1e-4): an implementation that is
-# not within this of the truth is wrong.
+# code, both implementations, batch 4; up to 6.7e-5 for V2 with the ImageNet stem): an
+# implementation that is not within this of the truth is wrong.
 GRADIENT_TRUTH_BOUND = 2e-4
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("name,kwargs", WHOLE_MODELS, ids=str)
 def test_whole_models_against_float64_and_across_implementations(name, kwargs):
   """One jitted train-mode step of each implementation in float32 against the same weights in
@@ -90,9 +93,13 @@ def test_whole_models_against_float64_and_across_implementations(name, kwargs):
   group-major under matmul: layers.to_groups.)"""
   kwargs = {"stem": "small", "num_classes": 10, **kwargs}
   size = 64 if kwargs["stem"] == "imagenet" else 32
-  x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-  runs = {impl: f64.float32_run(name, kwargs, impl, x) for impl in ("xla", "matmul")}
-  truths = dict(zip(runs, f64.float64_runs(name, kwargs, x, [r["masks"] for r in runs.values()])))
+  # Batch 4: with 2, Stage 4's BN normalises 8 values a channel and amplifies float32 rounding
+  # (measured: V2 with the ImageNet stem, loss 3e-5 and gradients 5e-4 from float64).
+  x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
+  state = f64.weights(name, kwargs)
+  runs = {impl: f64.float32_run(name, kwargs, impl, state, x) for impl in ("xla", "matmul")}
+  masks = [run["masks"] for run in runs.values()]
+  truths = dict(zip(runs, f64.float64_runs(name, kwargs, state, x, masks)))
   worst = {}
   for impl, run in runs.items():
     truth = truths[impl]
