@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shufflenet_jax import train
+from shufflenet_jax import config_files, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,6 @@ class Run:
 
 def load_experiment(path: str):
   """The experiment module at `path`; errors name the file and what it lacks."""
-  from shufflenet_jax import config_files
-
   module = config_files.load_module(path, "experiment", " (see experiments/)")
   for name in ("get_config", "sweep"):
     if not callable(getattr(module, name, None)):
@@ -80,13 +78,13 @@ def workdir(root: str, run: Run) -> str:
 
 
 def train_args(run: Run, root: str, overrides: list[str]) -> list[str]:
-  """launch.py arguments that train `run` (and resume it, if its workdir holds a checkpoint)."""
-  return ["launch.py", "train", f"--config={run.config}", f"--workdir={workdir(root, run)}",
-          *overrides]
+  """The command-line arguments that train `run` (and resume it, if its workdir holds a
+  checkpoint)."""
+  return ["train", f"--config={run.config}", f"--workdir={workdir(root, run)}", *overrides]
 
 
 def train_command(run: Run, root: str, overrides: list[str], python: str = "python") -> str:
-  return shlex.join([python, *train_args(run, root, overrides)])
+  return shlex.join([python, "launch.py", *train_args(run, root, overrides)])
 
 
 def tpu_command(run: Run, root: str, overrides: list[str], *, tpu: str, zone: str,
@@ -123,7 +121,7 @@ def run_local(runs: list[Run], root: str, overrides: list[str],
         continue
       # `-m shufflenet_jax` = launch.py, from the repository or an installed package alike
       command = [sys.executable, "-m", "shufflenet_jax",
-                 *train_args(run, root, overrides)[1:], *cluster_args]
+                 *train_args(run, root, overrides), *cluster_args]
       print(f"{header}: {shlex.join(command)}", flush=True)
       code = subprocess.call(command)
       if stop["signal"] is not None:
@@ -156,8 +154,6 @@ def run_tpu(commands: list[str]) -> int:
 
 def check_overrides(runs: list[Run], overrides: list[str]) -> None:
   """Every `--config.KEY=VALUE` names a key of every run's config (before any run starts)."""
-  from shufflenet_jax import config_files
-
   for run in runs:
     config = config_files.load_config(run.config)
     for override in overrides:
@@ -175,8 +171,6 @@ def check_overrides(runs: list[Run], overrides: list[str]) -> None:
 
 def apply_overrides(config, overrides: list[str]):
   """`--config.KEY=VALUE` strings applied to a loaded config, typed by the value they replace."""
-  from shufflenet_jax import config_files
-
   for override in overrides:
     path, _, raw = override.removeprefix("--config.").partition("=")
     *parents, leaf = path.split(".")
