@@ -24,8 +24,11 @@ export read the workdir's config.json when --config is not given.
 from __future__ import annotations
 
 import difflib
+import errno
 import json
+import os
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -115,8 +118,8 @@ def _compile(config) -> None:
 
 def _config_or_workdir_config():
   """--config, else the config.json of the run in --workdir (eval, predict, export)."""
-  from shufflenet_jax import train
-  return FLAGS.config or train.load_workdir_config(FLAGS.workdir)
+  from shufflenet_jax import workdir as workdir_files
+  return FLAGS.config or workdir_files.load_config(FLAGS.workdir)
 
 
 def _interop(command: str, images: list[str]) -> None:
@@ -163,6 +166,7 @@ def _sweep_or_report(command: str) -> None:
   if FLAGS.local:
     sys.exit(1 if sweeps.run_local(runs, FLAGS.root, PASSTHROUGH, _cluster_args()) else 0)
   if FLAGS.dry_run:
+    print(f"# run these from {os.getcwd()}: their paths are relative to it")
     for run in runs:
       print(sweeps.train_command(run, FLAGS.root, PASSTHROUGH))
     return
@@ -175,9 +179,43 @@ def _sweep_or_report(command: str) -> None:
   print("\n".join(commands))
 
 
+PATH_FLAGS = ("--config=", "--experiment=", "--workdir=", "--root=", "--output=", "--weights=",
+              "--config.data_dir=", "--config.tfds_data_dir=")
+
+
+def _expand_user(argv: list[str]) -> list[str]:
+  """`--workdir=~/runs/a`: the shell leaves a `~` after `=` alone; expand it as a path."""
+  expanded = []
+  for arg in argv:
+    prefix = next((p for p in PATH_FLAGS if arg.startswith(p)), None)
+    if prefix is not None and arg[len(prefix):].startswith("~"):
+      arg = prefix + os.path.expanduser(arg[len(prefix):])
+    expanded.append(arg)
+  return expanded
+
+
+def _check_config_file(spec: str) -> None:
+  """A missing or broken config file as one line (absl would print its traceback)."""
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    where = "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()})"
+    raise app.UsageError(f"--config file {path!r} does not exist{where}")
+  source = open(path).read()
+  try:
+    compile(source, path, "exec")
+  except SyntaxError as e:
+    raise app.UsageError(f"--config file {path} line {e.lineno}: {e.msg}") from None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a bad --config reported as one line instead of a traceback."""
+  argv = _expand_user(argv)
   for spec in (a.removeprefix("--config=") for a in argv if a.startswith("--config=")):
+    try:
+      _check_config_file(spec)
+    except app.UsageError as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(2)
     config_files.add_project_root(spec.partition(":")[0])  # absl loads the file itself
   if any(a in SWEEP_COMMANDS for a in argv[1:]):
     PASSTHROUGH.extend(a for a in argv[1:] if a.startswith("--config."))
@@ -238,18 +276,59 @@ def main(argv: list[str]) -> None:
     train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
 
 
+def _storage_error_line(error: OSError) -> str:
+  """'no space left on the device (ENOSPC) at PATH; kept: ...' for a failed write."""
+  from shufflenet_jax import workdir as workdir_files
+  line = f"{workdir_files.STORAGE_ERRORS[error.errno]} ({errno.errorcode[error.errno]})"
+  if error.filename:
+    line += f" writing {error.filename}"
+  if FLAGS.workdir is not None and os.path.isdir(FLAGS.workdir):
+    line += f"; kept: {workdir_files.what_was_kept(FLAGS.workdir)}"
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return line + "; free some space and rerun the same command (a run resumes from its checkpoint)"
+  return line + "; use a writable --workdir (or fix its permissions) and rerun the same command"
+
+
+def _quiet_background_errors() -> None:
+  """Orbax's save threads log and re-raise a failed write in the main thread, where it ends in
+  one line; their own logs and thread tracebacks are noise on the console (-v shows them)."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(lambda record: "/orbax/" not in record.pathname.replace("\\", "/"))
+  threading.excepthook = lambda args: None
+
+
 def _main_with_clear_errors(argv: list[str]) -> None:
-  """Expected failures (bad values, missing data, busy workdir, NaN) end in one line, exit 1."""
+  """Expected failures (bad values, missing data, busy workdir, NaN, a full or read-only disk,
+  Ctrl-C) end in one line: exit 1 (130 for Ctrl-C)."""
+  from shufflenet_jax import workdir as workdir_files
   from shufflenet_jax.parallel import ClusterError
-  from shufflenet_jax.train import NonFiniteLossError, WorkdirInUseError
+  from shufflenet_jax.train import NonFiniteLossError
+  verbose = FLAGS["verbosity"].present  # -v: full tracebacks and library logs, for debugging
+  if not verbose:
+    _quiet_background_errors()
   try:
     main(argv)
-  except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError,
-          WorkdirInUseError, ClusterError) as e:
-    if FLAGS["verbosity"].present:  # -v: the full traceback for debugging
+  except KeyboardInterrupt:
+    if verbose:
       raise
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(1)
+    sys.stderr.write("\nerror: interrupted (Ctrl-C) before a checkpoint could be saved; what "
+                     "the workdir held is unchanged\n")
+    sys.exit(130)
+  except Exception as e:  # noqa: BLE001 - sorted into one-line errors below, else re-raised
+    storage = workdir_files.storage_error(e)
+    if verbose or (storage is None and not isinstance(
+        e, (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError,
+            workdir_files.WorkdirInUseError, ClusterError))):
+      raise
+    if storage is None:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(1)
+    sys.stderr.write(f"error: {_storage_error_line(storage)}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Orbax's writer tasks fail one by one against the same disk while the interpreter shuts
+    # down (each logs its own traceback); nothing is left to save, so stop here.
+    os._exit(1)
 
 
 def run() -> None:

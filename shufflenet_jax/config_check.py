@@ -16,7 +16,9 @@ from shufflenet_jax.models import layers
 
 BN_MODES = ("global", "per_device")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-RESUME_MODES = ("auto", "force", "never")
+# auto: resume this run; force: even with a different config; never: refuse a workdir with
+# checkpoints; any_data_order: also from a checkpoint whose data-iterator state is missing.
+RESUME_MODES = ("auto", "force", "never", "any_data_order")
 
 CHOICES: dict[str, tuple] = {
     "augment": pipeline.AUGMENTS,

@@ -50,13 +50,6 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class Progress:
   """One console line with step, throughput and ETA, rewritten in place on a terminal."""
 

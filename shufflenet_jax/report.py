@@ -14,7 +14,8 @@ import datetime
 import io
 from pathlib import Path
 
-from shufflenet_jax import complexity, config_files, metrics, summary, train
+from shufflenet_jax import complexity, config_files, summary
+from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.sweeps import Run, load_experiment, workdir
 
 
@@ -23,7 +24,7 @@ class Cell:
   run: Run
   mflops: float          # counted at ImageNet size
   params_m: float
-  status: str            # finished | unfinished | missing
+  status: str            # finished | unfinished | missing | unreadable (a file of the run)
   step: int | None
   error: float | None    # our top-1 error %, finished runs only
   dataset: str
@@ -42,12 +43,17 @@ def collect(runs: list[Run], root: str) -> list[Cell]:
     macs = complexity.model_macs(model, imagenet.input_size, imagenet.in_channels)
     params = complexity.count_params(model)
     directory = workdir(root, run)
-    result = train.read_result(directory)
     dataset = config_files.load_config(run.config).dataset
+    try:
+      result = workdir_files.read_result(directory)
+      records = [] if result is not None else workdir_files.read_metrics(directory)
+    except workdir_files.UnreadableFileError as e:  # shown as such; the report goes on
+      print(f"WARNING: {run.name}: {e}", flush=True)
+      cells.append(Cell(run, macs / 1e6, params / 1e6, "unreadable", None, None, dataset))
+      continue
     if result is not None:
       status, step, error = "finished", result["step"], 100 * (1 - result["eval/top1"])
     else:
-      records = metrics.read_metrics(directory)
       status = "unfinished" if records else "missing"
       step, error = (records[-1]["step"] if records else None), None
     cells.append(Cell(run, macs / 1e6, params / 1e6, status, step, error, dataset))
@@ -56,7 +62,8 @@ def collect(runs: list[Run], root: str) -> list[Cell]:
 
 def _cell_text(cell: Cell) -> str:
   ours = {"finished": f"{cell.error:.1f}" if cell.error is not None else "",
-          "unfinished": f"unfinished (step {cell.step})", "missing": "missing"}[cell.status]
+          "unfinished": f"unfinished (step {cell.step})", "missing": "missing",
+          "unreadable": "unreadable"}[cell.status]
   paper = f"{cell.run.paper:.1f}" if cell.run.paper is not None else "n/a"
   return f"{ours} / {paper}"
 
@@ -157,8 +164,9 @@ def write_report(experiment: str, runs: list[Run], root: str, output: str | None
   paths[".md"].write_text(text)
   paths[".csv"].write_text(csv_text(cells))
   plot(title, cells, paths[".png"])
-  counts = {s: sum(c.status == s for c in cells) for s in ("finished", "unfinished", "missing")}
+  statuses = ("finished", "unfinished", "missing", "unreadable")
+  counts = {s: sum(c.status == s for c in cells) for s in statuses}
   print(text)
-  print(f"{counts['finished']} finished, {counts['unfinished']} unfinished, {counts['missing']} "
-        f"missing of {len(cells)} runs; wrote {', '.join(str(p) for p in paths.values())}")
+  print(", ".join(f"{counts[s]} {s}" for s in statuses if counts[s] or s != "unreadable") +
+        f" of {len(cells)} runs; wrote {', '.join(str(p) for p in paths.values())}")
   return paths

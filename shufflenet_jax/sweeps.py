@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from shufflenet_jax import config_files, train
+from shufflenet_jax import config_files
+from shufflenet_jax import workdir as workdir_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,14 @@ def tpu_command(run: Run, root: str, overrides: list[str], *, tpu: str, zone: st
   return f"{gcloud} --command={shlex.quote(remote)}"
 
 
+def _child_environment() -> dict[str, str]:
+  """This process's environment, with this package importable from any working directory:
+  `python -m shufflenet_jax` in a run's process is the same code as the sweep's."""
+  package_parent = str(Path(__file__).resolve().parents[1])
+  paths = [package_parent, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
 def run_local(runs: list[Run], root: str, overrides: list[str],
               cluster_args: list[str] = ()) -> int:
   """Trains the runs one after another here: finished ones (result.json) are skipped, interrupted
@@ -114,16 +124,19 @@ def run_local(runs: list[Run], root: str, overrides: list[str],
   try:
     for index, run in enumerate(runs, 1):
       header = f"[{index}/{len(runs)}] {run.name}"
-      result = train.read_result(workdir(root, run))
+      try:
+        result = workdir_files.read_result(workdir(root, run))
+      except workdir_files.UnreadableFileError as e:  # train rewrites it from the checkpoint
+        print(f"{header}: WARNING: {e}; running it again", flush=True)
+        result = None
       if result is not None:
         print(f"{header}: finished (step {result['step']}, top-1 {result['eval/top1']:.4f}), "
               "skipped", flush=True)
         continue
-      # `-m shufflenet_jax` = launch.py, from the repository or an installed package alike
       command = [sys.executable, "-m", "shufflenet_jax",
                  *train_args(run, root, overrides), *cluster_args]
       print(f"{header}: {shlex.join(command)}", flush=True)
-      code = subprocess.call(command)
+      code = subprocess.call(command, env=_child_environment())
       if stop["signal"] is not None:
         print(f"sweep interrupted during {run.name}; rerun the same command to resume",
               flush=True)

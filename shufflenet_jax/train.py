@@ -9,13 +9,11 @@ statistics, as the paper's per-GPU BN, then averages gradients and running stati
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -29,52 +27,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from shufflenet_jax import checkpointing, config_check, metrics, optim, parallel
+from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.data import pipeline
 from shufflenet_jax.models import get_model
 
 COMPUTE_DTYPES = dict(zip(config_check.COMPUTE_DTYPES, (None, jnp.bfloat16)))
-# Keys that may differ between a workdir's config.json and a resumed run's config.
-RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                     "keep_checkpoints", "num_workers", "data_dir", "tfds_data_dir", "resume",
-                     "conv_impl", "total_steps", "num_epochs", "eval_batch_size")
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN/inf; the last good checkpoint is kept."""
-
-
-class WorkdirInUseError(RuntimeError):
-  """Another live run holds the workdir."""
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path):
-  """Holds an exclusive flock on workdir/.lock for the run (the chief process only).
-
-  The kernel drops the lock when the holder dies, even by SIGKILL, so a crash never leaves the
-  workdir locked. (flock is advisory and per host: a shared-filesystem workdir is locked by the
-  chief host only.)
-  """
-  if not parallel.is_chief():
-    yield
-    return
-  workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / ".lock", "a+") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      lock.seek(0)
-      holder = lock.read().strip() or "unknown"
-      raise WorkdirInUseError(f"{workdir} is in use by a live run (pid {holder}); wait for it, "
-                              "stop it, or use another --workdir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -94,9 +55,11 @@ def create_train_state(config, mesh, tx):
   """(graphdef, replicated state dict) with freshly initialised parameters."""
   model = build_model(config)
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-           "opt_state": tx.init(params)}
-  return graphdef, parallel.replicate(state, mesh)
+
+  def state(params, batch_stats):  # one program: eager tx.init compiles one per shape
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+            "opt_state": tx.init(params)}
+  return graphdef, jax.jit(state, out_shardings=parallel.replicated(mesh))(params, batch_stats)
 
 
 def abstract_like(state, mesh):
@@ -115,10 +78,12 @@ def abstract_train_state(config, mesh, tx):
 
 
 def restore_train_state(config, workdir: str, mesh, iterator=None):
-  """(step, graphdef, state) of the newest readable checkpoint in `workdir`, or None."""
+  """(step, graphdef, state) of the newest readable checkpoint in `workdir`, or None. Reads
+  only: a corrupt checkpoint is skipped, not moved; one of another model raises
+  CheckpointMismatchError."""
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps))  # shapes only
   graphdef, target = abstract_train_state(config, mesh, tx)
-  checkpointer = checkpointing.Checkpointer(str(workdir))
+  checkpointer = checkpointing.Checkpointer(str(workdir), read_only=True)  # reads only
   try:
     restored = checkpointer.restore(target, iterator)
   finally:
@@ -205,132 +170,128 @@ def evaluate(eval_step, state, config, dataset, mesh) -> dict[str, float]:
           "eval/top5": totals["top5"] / n, "eval/num_examples": n}
 
 
-def _config_differences(saved: dict, current: dict) -> list[str]:
-  keys = sorted((set(saved) | set(current)) - set(RESUMABLE_CHANGES))
-  return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
-          if saved.get(k) != current.get(k)]
-
-
-def write_atomically(path: Path, text: str) -> None:
-  """Readers (other processes, sweeps, reports) see the old file or the new one, never half."""
-  temporary = path.with_name(f".{path.name}.{os.getpid()}")
-  temporary.write_text(text)
-  os.replace(temporary, path)
-
-
-def prepare_workdir(config, workdir: Path, checkpointer) -> None:
-  """Writes config.json; refuses to resume a workdir that holds a different run."""
-  current = json.loads(config.to_json_best_effort())
-  path = workdir / "config.json"
-  has_checkpoints = checkpointer.latest_step() is not None
-  if has_checkpoints and config.resume == "never":
-    raise FileExistsError(f"{workdir} already holds checkpoints {checkpointer.all_steps()} and "
-                          "resume='never'; use a new --workdir (nothing was overwritten)")
-  if has_checkpoints and path.exists() and config.resume != "force":
-    differences = _config_differences(json.loads(path.read_text()), current)
-    if differences:
-      raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(differences)})"
-                       "; use a new --workdir, or --config.resume=force to resume anyway")
-  if parallel.is_chief():
-    workdir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(current, indent=2, sort_keys=True) + "\n"
-    if path.exists() and path.read_text() == text:
-      return  # other processes may be reading it: never rewrite an identical file
-    if path.exists():  # resume=force or resumable changes: keep the earlier one
-      path.rename(workdir / f"config.{int(time.time())}.json")
-    write_atomically(path, text)
-
-
-def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  """The config a workdir's run was trained (or imported) with, from its config.json."""
-  path = Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: pass --config, or a --workdir that holds a "
-                            "run (train or import first)")
-  values = json.loads(path.read_text())
-  values["crop_area"] = tuple(values.get("crop_area", (0.08, 1.0)))
-  return ml_collections.ConfigDict(values)
-
-
 class _PreemptionFlag:
-  """Preemption notice (SIGTERM, how TPU VMs and schedulers announce it), checked every step.
+  """A stop request, checked every step: SIGTERM (how TPU VMs and schedulers announce a
+  preemption) or Ctrl-C (SIGINT) saves at the current step and ends the run; a second Ctrl-C
+  exits at once (the previous complete checkpoint stays usable: saves are atomic), a second
+  SIGTERM is ignored while the save completes.
 
-  One process: our own SIGTERM handler. Several: JAX's coordination service already catches
-  SIGTERM on any host and agrees on one step at which every host saves
-  (`reached_preemption_sync_point`), so all hosts enter the collective save together.
+  One process: our own handlers. Several: JAX's coordination service catches SIGTERM on any host
+  and agrees on one step at which every host saves (`reached_preemption_sync_point`), so all
+  hosts enter the collective save together; a Ctrl-C is passed on to it as a SIGTERM.
   """
 
   def __init__(self):
-    self._raised = False
-    self._previous = None
+    self.signal_name = None
+    self._previous = {}
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
+    handlers = {signal.SIGINT: self._interrupt}
     if not self._multi:
+      handlers[signal.SIGTERM] = self._terminate
+    for signum, handler in handlers.items():
       try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread: no handler, no preemption saves
-        self._previous = None
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread: no handlers, no stop requests
+        pass
     return self
 
-  def _handle(self, signum, frame):
-    self._raised = True
+  def _terminate(self, signum, frame):
+    self.signal_name = self.signal_name or "SIGTERM"
+
+  def _interrupt(self, signum, frame):
+    if self.signal_name is not None:
+      sys.stderr.write("\nSecond interrupt: exiting now; the newest complete checkpoint is kept "
+                       "and resumes with the same command\n")
+      sys.stderr.flush()
+      os._exit(130)
+    self.signal_name = "SIGINT"
+    sys.stderr.write("\nInterrupt: saving a checkpoint at this step (Ctrl-C again exits at "
+                     "once)\n")
+    sys.stderr.flush()
+    if self._multi:  # every host saves at the step JAX's preemption service agrees on
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
-    if self._multi:
-      self._raised = self._raised or multihost_utils.reached_preemption_sync_point(step)
-    return self._raised
+    if self._multi and multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "SIGTERM"
+    return self.signal_name is not None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if self.signal_name is not None and signum == signal.SIGTERM:
+        previous = signal.SIG_IGN  # stopping anyway: a repeated notice must not kill the save
+      signal.signal(signum, previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds this run), evaluates, returns final metrics."""
   _check_config(config)
-  workdir = Path(workdir)
+  workdir = Path(workdir).expanduser()
   mesh = parallel.make_mesh()
   per_process_batch = parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   dataset = pipeline.load_dataset(config)  # fails on missing data before the workdir is touched
-  with workdir_lock(workdir):
+  with _PreemptionFlag() as stop, workdir_files.lock(workdir):
     checkpointer = checkpointing.Checkpointer(str(workdir), keep=config.keep_checkpoints,
                                               every_steps=config.checkpoint_every_steps)
-    prepare_workdir(config, workdir, checkpointer)
-    writer = metrics.MetricWriter(str(workdir), enabled=parallel.is_chief())
+    writer = None
     try:
-      return _train(config, workdir, mesh, dataset, per_process_batch, checkpointer, writer)
+      workdir_files.check_resumable(config, workdir, checkpointer.latest_step() is not None,
+                                    checkpointer.all_steps())
+      run = _prepare_run(config, workdir, mesh, dataset, per_process_batch, checkpointer)
+      # Only now, with the checkpoint known to fit the config, is anything written.
+      workdir_files.write_config(config, workdir)
+      if parallel.is_chief():
+        repaired = workdir_files.repair_metrics(workdir)
+        if repaired is not None:
+          print(f"WARNING: metrics.jsonl ended in a partial line (a crash mid-write); moved it "
+                f"to {repaired}", flush=True)
+      writer = metrics.MetricWriter(str(workdir), enabled=parallel.is_chief())
+      return _train(config, workdir, mesh, dataset, checkpointer, writer, stop, **run)
     finally:  # pending async saves complete and files close on success, error or preemption
       checkpointer.close()
-      writer.close()
+      if writer is not None:
+        writer.close()
 
 
-def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpointer,
-           writer) -> dict:
-  chief = parallel.is_chief()
+def _prepare_run(config, workdir: Path, mesh, dataset, per_process_batch: int,
+                 checkpointer) -> dict:
+  """The run's schedule, iterator and state: restored from the newest usable checkpoint (a
+  mismatching one raises before anything is written), else freshly initialised."""
   steps_per_epoch = len(dataset.train) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size={config.batch_size} is larger than the training split "
                      f"({len(dataset.train)} examples)")
   total_steps = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
-  eval_every = config.eval_every_steps or steps_per_epoch
   tx, schedule = optim.make_optimizer(config, total_steps)
   graphdef, target = abstract_train_state(config, mesh, tx)
   iterator = iter(pipeline.train_loader(config, dataset, per_process_batch, config.seed))
-
-  first_step, restored = 0, None
+  restored = None
   if config.resume != "never":
-    restored = checkpointer.restore(target, iterator)
+    restored = checkpointer.restore(target, iterator,
+                                    any_data_order=config.resume == "any_data_order")
   if restored is not None:
     first_step, state = restored
     logging.info("Resumed from step %d in %s", first_step, workdir)
-    if chief:
+    if parallel.is_chief():
       print(f"Resuming from checkpoint at step {first_step}", flush=True)
   else:  # initialise only when there is nothing to resume
+    first_step = 0
     graphdef, state = create_train_state(config, mesh, tx)
+  return dict(graphdef=graphdef, state=state, tx=tx, schedule=schedule, iterator=iterator,
+              first_step=first_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def _train(config, workdir: Path, mesh, dataset, checkpointer, writer, stop, *, graphdef, state,
+           tx, schedule, iterator, first_step: int, total_steps: int,
+           steps_per_epoch: int) -> dict:
+  chief = parallel.is_chief()
+  eval_every = config.eval_every_steps or steps_per_epoch
+  schedule = jax.jit(schedule)  # logged every log_every_steps: one program, not one per op
   if chief and first_step < total_steps:  # training on (e.g. more epochs): not finished now
-    (workdir / RESULT_FILE).unlink(missing_ok=True)
+    (workdir / workdir_files.RESULT_FILE).unlink(missing_ok=True)
   train_step = make_train_step(graphdef, tx, config, mesh)
   eval_step = make_eval_step(graphdef, config, mesh)
   if chief:
@@ -341,71 +302,54 @@ def _train(config, workdir: Path, mesh, dataset, per_process_batch: int, checkpo
   progress = metrics.Progress(total_steps, first_step, enabled=chief)
   eval_results: dict[str, float] = {}
   window, window_start, previous = [], time.monotonic(), None
-  with _PreemptionFlag() as preemption:
-    for step in range(first_step + 1, total_steps + 1):
-      batch = parallel.global_batch(next(iterator), mesh)
-      state, step_metrics = train_step(state, batch)
-      window.append(step_metrics)
-      if previous is not None:  # one step behind, so the host never stalls the device queue
-        _check_finite(previous, step - 1, checkpointer)
-      previous = step_metrics
-      if step % config.log_every_steps == 0 or step == total_steps:
-        _check_finite(step_metrics, step, checkpointer)
-        elapsed = time.monotonic() - window_start
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
-                   for k in ("loss", "top1", "grad_norm")}
-        scalars = {f"train/{k}": v for k, v in summary.items()}
-        scalars["lr"] = float(schedule(step - 1))
-        scalars["img_per_sec"] = len(window) * config.batch_size / max(elapsed, 1e-9)
-        writer.write(step, scalars)
-        progress.update(step, f"loss {summary['loss']:.4f} top1 {summary['top1']:.3f} "
-                        f"{scalars['img_per_sec']:.0f} img/s")
-        window, window_start = [], time.monotonic()
-      if step % eval_every == 0 or step == total_steps:
-        eval_start = time.monotonic()
-        eval_results = evaluate(eval_step, state, config, dataset, mesh)
-        writer.write(step, eval_results)
-        progress.update(step, f"eval top1 {eval_results['eval/top1']:.4f} "
-                        f"top5 {eval_results['eval/top5']:.4f}")
-        window_start += time.monotonic() - eval_start  # keep img/s about training alone
-      preempted = preemption.reached(step)
-      if preempted or step == total_steps or step % config.checkpoint_every_steps == 0:
-        _check_finite(step_metrics, step, checkpointer)
-        checkpointer.save(step, state, iterator, force=preempted or step == total_steps)
-      if preempted:
-        checkpointer.wait()
-        progress.close()
-        if chief:
-          print(f"SIGTERM: saved a checkpoint at step {step} in {workdir}; rerun the same "
-                "command to resume", flush=True)
-        return {"preempted_at_step": step, **eval_results}
+  for step in range(first_step + 1, total_steps + 1):
+    batch = parallel.global_batch(next(iterator), mesh)
+    state, step_metrics = train_step(state, batch)
+    window.append(step_metrics)
+    if previous is not None:  # one step behind, so the host never stalls the device queue
+      _check_finite(previous, step - 1, checkpointer)
+    previous = step_metrics
+    if step % config.log_every_steps == 0 or step == total_steps:
+      _check_finite(step_metrics, step, checkpointer)
+      elapsed = time.monotonic() - window_start
+      summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
+                 for k in ("loss", "top1", "grad_norm")}
+      scalars = {f"train/{k}": v for k, v in summary.items()}
+      scalars["lr"] = float(schedule(step - 1))
+      scalars["img_per_sec"] = len(window) * config.batch_size / max(elapsed, 1e-9)
+      writer.write(step, scalars)
+      progress.update(step, f"loss {summary['loss']:.4f} top1 {summary['top1']:.3f} "
+                      f"{scalars['img_per_sec']:.0f} img/s")
+      window, window_start = [], time.monotonic()
+    if step % eval_every == 0 or step == total_steps:
+      eval_start = time.monotonic()
+      eval_results = evaluate(eval_step, state, config, dataset, mesh)
+      writer.write(step, eval_results)
+      progress.update(step, f"eval top1 {eval_results['eval/top1']:.4f} "
+                      f"top5 {eval_results['eval/top5']:.4f}")
+      window_start += time.monotonic() - eval_start  # keep img/s about training alone
+    preempted = stop.reached(step)
+    if preempted or step == total_steps or step % config.checkpoint_every_steps == 0:
+      _check_finite(step_metrics, step, checkpointer)
+      checkpointer.save(step, state, iterator, force=preempted or step == total_steps)
+    if preempted:
+      checkpointer.wait()
+      progress.close()
+      if chief:
+        print(f"{stop.signal_name}: saved a checkpoint at step {step} in {workdir}; rerun "
+              "the same command to resume", flush=True)
+      return {"preempted_at_step": step, **eval_results}
   progress.close()
   if first_step >= total_steps:  # already finished: report instead of silently doing nothing
     eval_results = evaluate(eval_step, state, config, dataset, mesh)
     if chief:
       print(f"{workdir} already holds the finished run (step {first_step}).", flush=True)
   if chief and eval_results:
-    write_result(workdir, max(first_step, total_steps), eval_results)
+    workdir_files.write_result(workdir, max(first_step, total_steps), eval_results)
     print(f"Done: step {max(first_step, total_steps)}, eval top-1 "
           f"{eval_results['eval/top1']:.4f}, top-5 {eval_results['eval/top5']:.4f} on "
           f"{int(eval_results['eval/num_examples'])} examples", flush=True)
   return eval_results
-
-
-RESULT_FILE = "result.json"
-
-
-def write_result(workdir: Path, step: int, eval_results: dict) -> None:
-  """workdir/result.json marks a finished run (sweeps skip it, reports read it); atomic."""
-  text = json.dumps({"step": int(step), **{k: float(v) for k, v in eval_results.items()}},
-                    indent=2, sort_keys=True) + "\n"
-  write_atomically(workdir / RESULT_FILE, text)
-
-
-def read_result(workdir: str | Path) -> dict | None:
-  """The finished run's final step and eval metrics, or None while it is unfinished."""
-  path = Path(workdir) / RESULT_FILE
-  return json.loads(path.read_text()) if path.exists() else None
 
 
 def _check_finite(step_metrics, step: int, checkpointer) -> None:

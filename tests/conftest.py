@@ -12,14 +12,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Compiled programs are cached across tests, the launch.py processes they start (which inherit
+# these variables) and test runs on the same machine (CI reruns included).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.expanduser("~/.cache/shufflenet_jax/jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
-
-# Compiled programs are cached across test runs on the same machine (CI reruns included).
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.expanduser("~/.cache/shufflenet_jax/jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
 import pytest  # noqa: E402
 
 from tests import fake_data  # noqa: E402
@@ -59,3 +58,9 @@ def tiny_config(fashion_dir, tmp_path):
   config.log_every_steps = 3
   config.warmup_steps = 0
   return config
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests (subprocesses, TPU compiles) first: with `-n 2`, the two workers then finish
+  together on the many short tests instead of one waiting for a long test collected last."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

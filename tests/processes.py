@@ -5,7 +5,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from shufflenet_jax import metrics
+from shufflenet_jax import workdir as workdir_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def wait_for_step(workdir: Path, step: int, process, timeout=180) -> None:
   """Returns once workdir/metrics.jsonl has logged `step`; fails if the process ends first."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    lines = metrics.read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []
+    lines = workdir_files.read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []
     if any(line["step"] >= step for line in lines):
       return
     if process.poll() is not None:

@@ -139,6 +139,12 @@ def test_epochs_that_train_nothing_are_refused():
     ("--config.lr=nan", "config lr=nan is not valid: must be a finite number >= 0"),
     ("--config.conv_impl=fast", "config conv_impl='fast' is not one of ('auto', 'xla', "
                                 "'matmul')"),
+    ("--config.input_size=0", "config input_size=0 is not valid: must be an integer > 0"),
+    ("--config.crop_area=(0.9,0.5)", "config crop_area=(0.9, 0.5) is not valid: must be (low, "
+                                     "high) with 0 < low <= high <= 1"),
+    ("--config.batch_size=-16", "config batch_size=-16 is not valid: must be an integer > 0"),
+    ("--config.num_workers=-1", "config num_workers=-1 is not valid: must be an integer >= 0 "
+                                "(0: decode in-process)"),
 ])
 def test_launch_train_refuses_a_bad_value_in_one_line_and_writes_nothing(flag, message,
                                                                          tmp_path):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from configs import common
-from shufflenet_jax import report, sweeps, train
+from shufflenet_jax import report, sweeps
+from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.models import get_model
 from tests import fake_data, processes
 
@@ -60,7 +61,8 @@ def test_dry_run_prints_the_exact_command_of_every_run():
   out = _launch("sweep", "--experiment=experiments/table3_shuffle.py:proxy", "--root=/runs/t3",
                 "--dry_run", "--config.num_epochs=1")
   assert out.returncode == 0, out.stderr
-  lines = out.stdout.splitlines()
+  header, *lines = out.stdout.splitlines()
+  assert header == f"# run these from {ROOT}: their paths are relative to it"
   assert len(lines) == 12
   assert lines[0] == ("python launch.py train "
                       "--config=experiments/table3_shuffle.py:groups=3,scale=1.0,shuffle=false,proxy"
@@ -102,7 +104,8 @@ def test_report_fills_finished_cells_and_marks_the_others(tmp_path, monkeypatch)
   runs = sweeps.expand(experiment)
   finished, unfinished = runs[0], runs[1]
   (tmp_path / finished.name).mkdir()
-  train.write_result(tmp_path / finished.name, 936, {"eval/top1": 0.8766, "eval/top5": 0.99})
+  workdir_files.write_result(tmp_path / finished.name, 936,
+                             {"eval/top1": 0.8766, "eval/top5": 0.99})
   (tmp_path / unfinished.name).mkdir()
   (tmp_path / unfinished.name / "metrics.jsonl").write_text(json.dumps({"step": 50}) + "\n")
 
@@ -139,21 +142,21 @@ def test_local_sweep_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path
   root = tmp_path / "runs"
   command = [sys.executable, "launch.py", "sweep", f"--experiment={experiment}",
              f"--root={root}", "--local", f"--config.data_dir={fashion}",
-             f"--config.tfds_data_dir={tmp_path / 'tfds'}", "--config.total_steps=60",
+             f"--config.tfds_data_dir={tmp_path / 'tfds'}", "--config.total_steps=16",
              "--config.log_every_steps=1", "--config.checkpoint_every_steps=4"]
   first, second = sweeps.expand(str(experiment))
 
   process = processes.start(command, tmp_path)
-  processes.wait_for_step(root / second.name, 8, process, timeout=300)
+  processes.wait_for_step(root / second.name, 6, process, timeout=300)
   os.killpg(process.pid, signal.SIGTERM)  # a preemption reaches the sweep and its run
   assert process.wait(timeout=120) != 0
   assert f"sweep interrupted during {second.name}" in process.output()
-  assert train.read_result(root / first.name) is not None
-  assert train.read_result(root / second.name) is None
+  assert workdir_files.read_result(root / first.name) is not None
+  assert workdir_files.read_result(root / second.name) is None
 
   rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-  assert f"[1/2] {first.name}: finished (step 60" in rerun.stdout
+  assert f"[1/2] {first.name}: finished (step 16" in rerun.stdout
   assert "Resuming from checkpoint at step" in rerun.stdout
   assert "sweep: 2/2 runs finished" in rerun.stdout
-  assert train.read_result(root / second.name)["step"] == 60
+  assert workdir_files.read_result(root / second.name)["step"] == 16

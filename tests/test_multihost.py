@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from shufflenet_jax import metrics, train
+from shufflenet_jax import workdir as workdir_files
 from tests import fake_data, processes
 
 pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
@@ -107,7 +107,7 @@ def test_two_launch_processes_are_one_job_that_resumes_on_both(data, tmp_path):
   outputs = _finish(_launch(["train", f"--config={SMOKE}", f"--workdir={run}",
                              *_config_flags(data)], tmp_path))
   assert "Resuming from checkpoint at step 3" in outputs[0] and "Done: step 6" in outputs[0]
-  lines = metrics.read_metrics(str(run))
+  lines = workdir_files.read_metrics(str(run))
   assert [line["step"] for line in lines if "train/loss" in line] == [1, 2, 3, 4, 5, 6]
   evals = [line for line in lines if "eval/top1" in line]
   assert [line["step"] for line in evals] == [3, 6]  # one line per step, not one per process
@@ -140,7 +140,7 @@ def test_sweep_local_runs_each_run_as_one_two_process_job(data, tmp_path):
     assert output.count(f"process {i} of 2: 2 local device(s), 4 global device(s)") == 2
     assert "sweep: 2/2 runs finished" in output
   for run in root.iterdir():
-    assert train.read_result(run)["step"] == 2
+    assert workdir_files.read_result(run)["step"] == 2
     assert sorted(p.name for p in (run / "checkpoints" / "2" / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from shufflenet_jax import checkpointing, metrics, optim, parallel, train
+from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.data import pipeline
 
 
@@ -135,7 +136,7 @@ def test_stop_and_resume_gives_the_same_parameters(tiny_config, tmp_path):
   assert step == 6
   for a, b in zip(_leaves(uninterrupted), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
-  lines = metrics.read_metrics(str(workdir))
+  lines = workdir_files.read_metrics(str(workdir))
   assert {"train/loss", "train/top1", "lr", "img_per_sec"} <= set(lines[0])
   evals = [line for line in lines if "eval/top1" in line]
   assert evals[-1]["eval/num_examples"] == 37 and 0 <= evals[-1]["eval/top5"] <= 1

@@ -11,6 +11,7 @@ import ml_collections
 from flax import nnx
 
 from shufflenet_jax import checkpointing, optim, parallel, train
+from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.interop import megvii, torch_pickle, torchvision_v2
 
 # --from -> (model kwargs from the weights' shapes, loader, config spec of the imported run)
@@ -49,7 +50,8 @@ def import_weights(source: str, weights: str, workdir: str,
                               "batch_stats": batch_stats, "opt_state": tx.init(params)}, mesh)
   checkpointer = checkpointing.Checkpointer(str(directory), keep=config.keep_checkpoints)
   try:
-    train.prepare_workdir(config, directory, checkpointer)
+    workdir_files.check_resumable(config, directory, checkpointer.latest_step() is not None)
+    workdir_files.write_config(config, directory)
     checkpointer.save(0, state, None, force=True)
   finally:
     checkpointer.close()
