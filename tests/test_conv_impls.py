@@ -10,6 +10,7 @@ from shufflenet_jax import parallel
 from shufflenet_jax.models import get_model, layers
 from shufflenet_jax.models.layers import conv2d
 from tests import float64_truth as f64
+from tests import jitted
 
 pytestmark = pytest.mark.numerics  # optimised code; `make test` reruns these with AVX2 code
 
@@ -119,8 +120,9 @@ def test_whole_models_against_float64_and_across_implementations(name, kwargs):
 
 def test_group_major_v1_in_bfloat16_agrees_with_xla():
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  logits = [get_model("shufflenet_v1", groups=3, scale=0.5, stem="small", num_classes=10,
-                      conv_impl=impl, dtype=jnp.bfloat16, seed=0)(x, train=True)
+  logits = [jitted.forward(get_model("shufflenet_v1", groups=3, scale=0.5, stem="small",
+                                     num_classes=10, conv_impl=impl, dtype=jnp.bfloat16,
+                                     seed=0), x, train=True)
             for impl in ("xla", "matmul")]
   assert logits[1].dtype == logits[0].dtype
   np.testing.assert_allclose(logits[0], logits[1], rtol=5e-2, atol=5e-2)

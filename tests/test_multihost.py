@@ -91,32 +91,41 @@ def test_two_processes_compute_the_train_step_of_one_process_on_the_same_global_
       np.testing.assert_allclose(params[key], reference[key], rtol=1e-5, atol=1e-6)
 
 
-def test_two_launch_processes_are_one_job_that_resumes_on_both(data, tmp_path):
-  """`launch.py train` on 2 processes x 2 devices, stopped at step 3 by the end of the first
-  command and resumed by the second; then `launch.py eval` of the result on both."""
+def test_two_launch_processes_are_one_job_stopped_on_one_host_and_resumed_on_both(data,
+                                                                                 tmp_path):
+  """`launch.py train` on 2 processes x 2 devices; a SIGTERM that reaches one host only makes
+  both save at the same step; the same command (to 3 more steps) resumes on both; then
+  `launch.py eval` of the result on both."""
   run = tmp_path / "run"
-  outputs = _finish(_launch(["train", f"--config={SMOKE}", f"--workdir={run}",
-                             *_config_flags(data, total_steps=3)], tmp_path))
+  started = _launch(["train", f"--config={SMOKE}", f"--workdir={run}",
+                     *_config_flags(data, total_steps=100_000)], tmp_path)
+  processes.wait_for_step(run, 3, started[0])
+  started[0].send_signal(signal.SIGTERM)  # the notice reaches one host only
+  outputs = _finish(started, timeout=120)
   for i, output in enumerate(outputs):
     assert f"process {i} of 2: 2 local device(s), 4 global device(s) (cpu)" in output
-  assert "in 2 process(es)" in outputs[0] and "Done: step 3" in outputs[0]
-  assert "Done: step" not in outputs[1]  # process 0 alone reports and writes
-  data_files = sorted(p.name for p in (run / "checkpoints" / "3" / "data").glob("*.json"))
-  assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert "in 2 process(es)" in outputs[0]
+  stopped = int(outputs[0].split("SIGTERM: saved a checkpoint at step ")[1].split()[0])
+  assert "saved a checkpoint" not in outputs[1]  # process 0 alone reports and writes
+  data_files = sorted(p.name for p in (run / "checkpoints" / str(stopped) / "data").glob("*.json"))
+  assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]  # both hosts saved there
 
+  total = stopped + 3
   outputs = _finish(_launch(["train", f"--config={SMOKE}", f"--workdir={run}",
-                             *_config_flags(data)], tmp_path))
-  assert "Resuming from checkpoint at step 3" in outputs[0] and "Done: step 6" in outputs[0]
+                             *_config_flags(data, total_steps=total)], tmp_path))
+  assert f"Resuming from checkpoint at step {stopped}" in outputs[0]
+  assert f"Done: step {total}" in outputs[0] and "Done: step" not in outputs[1]
   lines = workdir_files.read_metrics(str(run))
-  assert [line["step"] for line in lines if "train/loss" in line] == [1, 2, 3, 4, 5, 6]
+  assert [line["step"] for line in lines if "train/loss" in line] == list(range(1, total + 1))
   evals = [line for line in lines if "eval/top1" in line]
-  assert [line["step"] for line in evals] == [3, 6]  # one line per step, not one per process
+  # one line per step, not one per process: every 3 steps, and at the end
+  assert [line["step"] for line in evals] == sorted({*range(3, total + 1, 3), total})
   assert all(line["eval/num_examples"] == 37 for line in evals)  # every example once
 
   outputs = _finish(_launch(["eval", f"--workdir={run}"], tmp_path))
-  assert f"step 6: top-1 {evals[-1]['eval/top1']:.4f}" in outputs[0]
+  assert f"step {total}: top-1 {evals[-1]['eval/top1']:.4f}" in outputs[0]
   assert "on 37 examples" in outputs[0]
-  assert "process 1 of 2" in outputs[1] and "step 6: top-1" not in outputs[1]
+  assert "process 1 of 2" in outputs[1] and f"step {total}: top-1" not in outputs[1]
 
 
 TWO_RUN_SWEEP = '''
@@ -156,20 +165,6 @@ def test_a_dead_process_takes_the_job_down_quickly_with_a_message(data, tmp_path
   assert time.monotonic() - killed_at < 60  # --heartbeat_timeout_seconds=10
   assert started[0].returncode != 0
   assert "another task died" in output or "stopped sending heartbeats" in output
-
-
-def test_sigterm_on_one_host_saves_on_every_host_at_the_same_step(data, tmp_path):
-  workdir = tmp_path / "run"
-  started = _launch(["train", f"--config={SMOKE}", f"--workdir={workdir}",
-                     *_config_flags(data, total_steps=100_000)], tmp_path)
-  processes.wait_for_step(workdir, 3, started[0])
-  started[0].send_signal(signal.SIGTERM)  # the notice reaches one host only
-  outputs = _finish(started, timeout=120)
-  assert "SIGTERM: saved a checkpoint at step" in outputs[0]
-  step = int(outputs[0].split("saved a checkpoint at step ")[1].split()[0])
-  data_dir = workdir / "checkpoints" / str(step) / "data"
-  assert sorted(p.name for p in data_dir.glob("*.json")) == ["process_0-of-2.json",
-                                                              "process_1-of-2.json"]
 
 
 def _one_error_line(process, timeout: float) -> str:

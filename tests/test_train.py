@@ -11,6 +11,7 @@ from flax import nnx
 from shufflenet_jax import checkpointing, metrics, optim, parallel, train
 from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.data import pipeline
+from tests import jitted
 
 
 def _random_batch(batch_size: int, seed: int = 0, size: int = 28):
@@ -49,11 +50,16 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
   assert int(state["step"]) == 8
 
 
-def _one_step_stats(config, devices, batch):
-  mesh, tx, graphdef, state = _setup(config, devices)
+def _one_step_stats(config, devices, *batches):
+  """(state, loss) after one train step from the initial state, for each batch (one compile)."""
+  mesh, tx, graphdef, initial = _setup(config, devices)
   step = train.make_train_step(graphdef, tx, config, mesh)
-  state, m = step(state, parallel.global_batch(batch, mesh))
-  return state, float(m["loss"])
+  results = []
+  for batch in batches:
+    state = jax.tree.map(jnp.copy, initial)  # the step donates its input
+    state, m = step(state, parallel.global_batch(batch, mesh))
+    results.append((state, float(m["loss"])))
+  return results[0] if len(results) == 1 else results
 
 
 def test_global_bn_equals_single_device_bn(tiny_config):
@@ -74,8 +80,8 @@ def test_per_device_bn_uses_each_devices_own_statistics(tiny_config):
   per_device, per_device_loss = _one_step_stats(tiny_config, None, batch)
   assert per_device_loss != pytest.approx(global_loss, rel=1e-4)
   # Reference: each 2-example slice alone on one device; running stats and loss are averaged.
-  slices = [_one_step_stats(tiny_config, jax.devices()[:1],
-                            {k: v[2 * i:2 * i + 2] for k, v in batch.items()}) for i in range(8)]
+  slices = _one_step_stats(tiny_config, jax.devices()[:1],
+                           *({k: v[2 * i:2 * i + 2] for k, v in batch.items()} for i in range(8)))
   assert per_device_loss == pytest.approx(np.mean([loss for _, loss in slices]), rel=1e-4)
   expected = [np.mean(values, axis=0)
               for values in zip(*(_leaves(s["batch_stats"]) for s, _ in slices))]
@@ -112,7 +118,7 @@ def test_eval_counts_every_example_exactly_once(tiny_config, num_examples):
   model = nnx.merge(graphdef, state["params"], state["batch_stats"])
   images = np.stack([r["image"] for r in records]).astype(np.float32)
   labels = np.array([r["label"] for r in records])
-  logits = model(jnp.asarray(images), train=False)
+  logits = nnx.jit(lambda m, x: m(x, train=False))(model, jnp.asarray(images))  # one compile
   top1 = float(np.mean(np.argmax(logits, -1) == labels))
   top5 = float(np.mean(metrics.topk_correct(logits, jnp.asarray(labels), 5)))
   assert results["eval/top1"] == pytest.approx(top1, abs=1e-6)
@@ -241,7 +247,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_config):
     model = train.build_model(tiny_config)
     activations = model.conv1(jnp.asarray(images), train=False)  # the layers compute in dtype
     assert activations.dtype == (jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    logits[dtype] = model(jnp.asarray(images), train=False)
+    logits[dtype] = jitted.forward(model, jnp.asarray(images))
     assert logits[dtype].dtype == jnp.float32
   difference = np.abs(np.asarray(logits["bfloat16"]) - np.asarray(logits["float32"]))
   assert 0 < difference.max() < 0.05  # bfloat16 rounding, not another function

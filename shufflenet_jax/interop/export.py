@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 FORMATS = ("stablehlo", "tflite")
 SUFFIXES = {"stablehlo": ".stablehlo", "tflite": ".tflite"}
@@ -101,13 +102,17 @@ def export(config, workdir: str, fmt: str, output: str | None = None) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   probe = np.random.default_rng(0).normal(
       size=(2, config.input_size, config.input_size, config.in_channels)).astype(np.float32)
-  expected = np.asarray(model(probe, train=False))  # before any folding
+  # before any folding; one compiled program (an eager call compiles layer by layer)
+  expected = np.asarray(nnx.jit(lambda m, x: m(x, train=False))(model, probe))
   if fmt == "stablehlo":
     export_stablehlo(model, config, path)
     got = np.asarray(load_stablehlo(path).call(probe))
   else:
     export_tflite(model, config, path)
-    got = run_tflite(tflite_interpreter(path), probe)
+    interpreter = tflite_interpreter(path)
+    got = run_tflite(interpreter, probe)
+    ops = sorted({op["op_name"] for op in interpreter._get_ops_details()})
+    print(f"TFLite ops: {', '.join(ops)}", flush=True)  # DELEGATE: XNNPACK runs that part
   meta = {"format": fmt, "model": config.model, "model_kwargs": dict(config.model_kwargs),
           "step": step, "input": [None if fmt == "stablehlo" else 1, config.input_size,
                                   config.input_size, config.in_channels],
