@@ -187,7 +187,7 @@ def repair_metrics(workdir: Path) -> Path | None:
   """Before a resumed run appends: a partial last line (a crash mid-write) is moved to
   metrics.jsonl.partial.TIME and cut off, so the next line starts on a line of its own."""
   path = workdir / METRICS_FILE
-  if not path.exists():
+  if not path.is_file():  # missing, or not a regular file (nothing to mend)
     return None
   data = path.read_bytes()
   if not data or data.endswith(b"\n"):

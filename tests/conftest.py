@@ -59,8 +59,3 @@ def tiny_config(fashion_dir, tmp_path):
   config.warmup_steps = 0
   return config
 
-
-def pytest_collection_modifyitems(config, items):
-  """Slow tests (subprocesses, TPU compiles) first: with `-n 2`, the two workers then finish
-  together on the many short tests instead of one waiting for a long test collected last."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

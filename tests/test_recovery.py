@@ -169,11 +169,16 @@ def test_bad_files_name_themselves_and_nothing_stops_on_them(run, finished):
   assert list(workdir.glob("metrics.jsonl.partial.*"))[0].read_text() == '{"step": 7, "train/lo'
 
   (workdir / "metrics.jsonl").write_text(lines.replace("\n", "\nnot json\n", 1))
-  with pytest.raises(workdir_files.UnreadableFileError, match="metrics.jsonl line 2"):
-    workdir_files.read_metrics(workdir)
+  (workdir / "result.json").unlink()  # an unfinished run: report reads its metrics
+  report = _launch("report", f"--experiment={experiment}", f"--root={root}", *data)
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert f"{workdir / 'metrics.jsonl'} line 2 is not valid JSON" in report.stdout
+  assert "1 unreadable of 1 runs" in report.stdout
   (workdir / "config.json").write_text('{"model": "shufflenet_v1", "sca')
-  line = _one_error_line(_launch("eval", f"--workdir={workdir}"))
-  assert f"{workdir / 'config.json'} is not valid JSON" in line
+  for command in (["eval", f"--workdir={workdir}"],
+                  ["predict", f"--workdir={workdir}", str(experiment)]):
+    line = _one_error_line(_launch(*command))
+    assert f"{workdir / 'config.json'} is not valid JSON" in line
   line = _one_error_line(_train(data, workdir, "--config.total_steps=8"))
   assert f"{workdir / 'config.json'} is not valid JSON" in line
 
@@ -228,6 +233,8 @@ def test_a_read_only_workdir_ends_in_one_line_and_read_commands_still_work(run, 
       expected = "permission denied (EACCES)"
     line = _one_error_line(_train(data, target, "--config.total_steps=9"))
     assert expected in line and "use a writable --workdir" in line, line
+    line = _one_error_line(_launch("export", f"--workdir={target}"))  # into W/export
+    assert expected in line and str(target / "export") in line, line
     result = _launch("eval", f"--workdir={target}")
     assert result.returncode == 0 and "step 6: top-1" in result.stdout, result.stderr[-3000:]
   finally:
