@@ -217,7 +217,7 @@ def test_a_full_disk_ends_in_one_line_and_the_run_resumes_after_freeing_space(fi
 
 
 def test_a_read_only_workdir_ends_in_one_line_and_read_commands_still_work(run, tmp_path):
-  data, workdir, _ = run
+  data, workdir, experiment = run
   disk = tmp_path / "ro"
   mounted = _mount_tmpfs(disk, "20m")
   try:
@@ -228,13 +228,16 @@ def test_a_read_only_workdir_ends_in_one_line_and_read_commands_still_work(run, 
       subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
       expected = "read-only file system (EROFS)"
     else:  # an ordinary user: no write permission
-      for path in [target, *target.rglob("*")]:
+      for path in [target.parent, target, *target.rglob("*")]:
         path.chmod(path.stat().st_mode & ~0o222)
       expected = "permission denied (EACCES)"
     line = _one_error_line(_train(data, target, "--config.total_steps=9"))
     assert expected in line and "use a writable --workdir" in line, line
     line = _one_error_line(_launch("export", f"--workdir={target}"))  # into W/export
     assert expected in line and str(target / "export") in line, line
+    line = _one_error_line(_launch("report", f"--experiment={experiment}",  # into ROOT/report.*
+                                   f"--root={target.parent}"))
+    assert expected in line and str(target.parent / "report") in line, line
     result = _launch("eval", f"--workdir={target}")
     assert result.returncode == 0 and "step 6: top-1" in result.stdout, result.stderr[-3000:]
   finally:
