@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import threading
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -200,9 +201,8 @@ def _check_config_file(spec: str) -> None:
   if not os.path.isfile(path):
     where = "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()})"
     raise app.UsageError(f"--config file {path!r} does not exist{where}")
-  source = open(path).read()
   try:
-    compile(source, path, "exec")
+    compile(Path(path).read_text(), path, "exec")
   except SyntaxError as e:
     raise app.UsageError(f"--config file {path} line {e.lineno}: {e.msg}") from None
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from shufflenet_jax import workdir as workdir_files
+
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """1.0 where the label is among the k largest logits, per example."""
@@ -20,14 +22,20 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 class MetricWriter:
   """Appends one JSON object per line to workdir/metrics.jsonl and mirrors scalars to
-  TensorBoard event files (tensorboardX: no TensorFlow). Only the chief process writes."""
+  TensorBoard event files (tensorboardX: no TensorFlow). Only the chief process writes. A
+  partial last line (a crash mid-write) is mended first, so appends start on a line of their
+  own."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = Path(workdir) / "metrics.jsonl"
+    self.path = Path(workdir) / workdir_files.METRICS_FILE
     self._tb = None
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      repaired = workdir_files.repair_metrics(self.path.parent)
+      if repaired is not None:
+        print(f"WARNING: {self.path} ended in a partial line (a crash mid-write); moved it to "
+              f"{repaired}", flush=True)
       try:
         from tensorboardX import SummaryWriter  # optional: metrics.jsonl is the record
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))

@@ -243,11 +243,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       run = _prepare_run(config, workdir, mesh, dataset, per_process_batch, checkpointer)
       # Only now, with the checkpoint known to fit the config, is anything written.
       workdir_files.write_config(config, workdir)
-      if parallel.is_chief():
-        repaired = workdir_files.repair_metrics(workdir)
-        if repaired is not None:
-          print(f"WARNING: metrics.jsonl ended in a partial line (a crash mid-write); moved it "
-                f"to {repaired}", flush=True)
       writer = metrics.MetricWriter(str(workdir), enabled=parallel.is_chief())
       return _train(config, workdir, mesh, dataset, checkpointer, writer, stop, **run)
     finally:  # pending async saves complete and files close on success, error or preemption
