@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0           # 0 = at the end of every epoch
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.profile_steps = ""             # "START:STOP": a jax.profiler trace of those steps in
+                                  # WORKDIR/profile (tensorboard --logdir WORKDIR/profile)
   c.resume = "auto"                # auto (resume if the config matches) | force | never |
                                   # any_data_order (also without a data-iterator state)
   return c

@@ -209,7 +209,7 @@ def _check_config_file(spec: str) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a bad --config reported as one line instead of a traceback."""
-  argv = _expand_user(argv)
+  argv = config_files.integer_words(_expand_user(argv))
   for spec in (a.removeprefix("--config=") for a in argv if a.startswith("--config=")):
     try:
       _check_config_file(spec)

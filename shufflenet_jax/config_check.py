@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from shufflenet_jax import optim
+from shufflenet_jax import optim, profiling
 from shufflenet_jax.data import image_folder, pipeline, preprocess
 from shufflenet_jax.models import layers
 
@@ -46,6 +46,14 @@ def _crop_area(value) -> bool:
           and 0 < value[0] <= value[1] <= 1)
 
 
+def _profile_steps(value) -> bool:
+  try:
+    profiling.parse_profile_steps(value)
+  except (ValueError, TypeError):
+    return False
+  return True
+
+
 # key: (rule, what a valid value is)
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "batch_size": (lambda v: _integer(v) and v > 0, "an integer > 0"),
@@ -64,12 +72,15 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "eval_resize": (lambda v: _integer(v) and v > 0, "an integer > 0"),
     "num_classes": (lambda v: _integer(v) and v > 0, "an integer > 0"),
     "in_channels": (lambda v: _integer(v) and v > 0, "an integer > 0"),
-    "num_workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: decode in-process)"),
+    "num_workers": (lambda v: _integer(v) and v >= pipeline.AUTO_WORKERS,
+                    "an integer >= 0 (0: decode in-process) or auto (-1: from the host's cores)"),
     "seed": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     "log_every_steps": (lambda v: _integer(v) and v > 0, "an integer > 0"),
     "eval_every_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: every epoch)"),
     "checkpoint_every_steps": (lambda v: _integer(v) and v > 0, "an integer > 0"),
     "keep_checkpoints": (lambda v: _integer(v) and v > 0, "an integer > 0"),
+    "profile_steps": (_profile_steps,
+                      "'' (off) or 'START:STOP' with 1 <= START <= STOP, e.g. '100:110'"),
 }
 
 

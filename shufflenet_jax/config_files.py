@@ -14,6 +14,22 @@ from pathlib import Path
 
 import ml_collections
 
+AUTO_WORKERS = -1  # num_workers=auto: grain workers from the host's cores (data/pipeline.py)
+# Words a `--config.KEY=WORD` flag may give for an integer key, and the number stored.
+INTEGER_WORDS = {"num_workers": {"auto": AUTO_WORKERS}}
+
+
+def integer_words(argv: list[str]) -> list[str]:
+  """`--config.num_workers=auto` -> `--config.num_workers=-1` (the key holds an integer)."""
+  out = []
+  for arg in argv:
+    key, _, value = arg.removeprefix("--config.").partition("=")
+    if arg.startswith("--config.") and value in INTEGER_WORDS.get(key, {}):
+      arg = f"--config.{key}={INTEGER_WORDS[key][value]}"
+    out.append(arg)
+  return out
+
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 

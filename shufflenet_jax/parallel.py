@@ -231,6 +231,37 @@ def replicate(tree, mesh: jax.sharding.Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
+_barriers = 0
+
+
+def barrier(name: str, timeout_seconds: int = 600) -> None:
+  """Every process waits here for all the others (the coordination service's barrier: no device
+  collective, so no collective timeout); a no-op for one process."""
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize made
+  _barriers += 1  # a barrier name is used once
+  distributed.global_state.client.wait_at_barrier(f"{name}_{_barriers}", timeout_seconds * 1000)
+
+
+class CompiledTogether:
+  """A jitted step that, on several processes, every process compiles before any runs it: a CPU
+  cluster's first collective (gloo) waits only 30 s for its peers, less than a loaded host can
+  take to compile a train step, and hosts compile at different speeds everywhere."""
+
+  def __init__(self, jitted, name: str):
+    self.jitted, self.name, self.compiled = jitted, name, None
+
+  def __call__(self, *args):
+    if jax.process_count() == 1:
+      return self.jitted(*args)
+    if self.compiled is None:
+      self.compiled = self.jitted.lower(*args).compile()
+      barrier(f"{self.name} compiled")
+    return self.compiled(*args)
+
+
 def is_chief() -> bool:
   """Process 0 alone writes logs, metrics and config files."""
   return jax.process_index() == 0

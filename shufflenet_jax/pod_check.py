@@ -14,7 +14,9 @@ slower; BENCHMARKS.md records measured vs estimated where a device was available
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 import re
 import sys
 import time
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from shufflenet_jax import complexity, optim, parallel, summary, train
+from shufflenet_jax.data import throughput
 from shufflenet_jax.models.layers import resolve_conv_impl
 
 
@@ -35,12 +38,14 @@ class Chip:
   peak_tflops: float       # bf16 dense, per chip
   hbm_gbps: float          # GB/s, per chip
   source: str
+  host_vcpus_per_chip: float | None = None  # of the TPU VM; None where not checked
 
 
 # Per-chip figures from Google Cloud's TPU system-architecture pages (checked 2026-11).
 CHIPS = {
     "v4": Chip("TPU v4", 32, 275, 1228, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16, 197, 819, "https://cloud.google.com/tpu/docs/v5e"),
+    # v5e VMs: ct5lp-hightpu-4t 112 vCPUs for 4 chips, -8t 224 for 8 (same page, VM types).
+    "v5e": Chip("TPU v5e", 16, 197, 819, "https://cloud.google.com/tpu/docs/v5e", 28),
     "v5p": Chip("TPU v5p", 95, 459, 2765, "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("TPU v6e", 32, 918, 1640, "https://cloud.google.com/tpu/docs/v6e"),
 }
@@ -69,6 +74,10 @@ class Topology:
 def _import_libtpu() -> None:
   """libtpu from site-packages (`pip install 'jax[tpu]'`) or from VENV/libtpu (`make setup-dev`
   puts it there, so that CPU runs in that venv never probe for TPUs)."""
+  if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+    # No TPU attached: compiling opens no chip, so two compiles at once (two terminals, the
+    # tests' workers) must not fail on libtpu's one-process lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     import libtpu  # noqa: F401
     return
@@ -101,7 +110,7 @@ def topology(name: str, num_slices: int = 1) -> Topology:
 def _abstract_batch(batch: int, config, mesh, eval_batch: bool = False) -> dict:
   sharding = parallel.batch_sharding(mesh)
   shape = (batch, config.input_size, config.input_size, config.in_channels)
-  out = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+  out = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=sharding),  # as loaders ship
          "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
   if eval_batch:
     out["mask"] = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=sharding)
@@ -184,11 +193,43 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
         "img_per_s_per_chip": batch / step_s / (devices / topo.devices_per_chip)
         if step_s else float("inf"),
     }
+  host = host_demand(config, steps["train"]["img_per_s_per_chip"], topo)
   return {"config_model": config.model, "model_kwargs": dict(config.model_kwargs),
           "topology": name, "num_slices": num_slices, "chip": dataclasses.asdict(chip),
           "devices": devices, "devices_per_chip": topo.devices_per_chip, "hosts": topo.hosts,
           "per_device_hbm_bytes": per_device_hbm, "macs_per_image": macs,
-          "compute_dtype": config.compute_dtype, "conv_impl": config.conv_impl, **steps}
+          "compute_dtype": config.compute_dtype, "conv_impl": config.conv_impl, "host": host,
+          "augment": config.augment,
+          **steps}
+
+
+def host_demand(config, img_per_s_per_chip: float, topo: Topology,
+                per_core: float | None = None) -> dict:
+  """What one host must feed its chips at the estimated step time, in cores of the configured
+  train transform timed on this machine (pod hosts' cores differ: this is the order of it)."""
+  chips_per_host = topo.chips * topo.num_slices / max(1, topo.hosts)
+  img_per_s = img_per_s_per_chip * chips_per_host
+  per_core = per_core or throughput.per_core_rate(config)
+  cores = img_per_s / per_core
+  vcpus = (topo.chip.host_vcpus_per_chip * chips_per_host
+           if topo.chip.host_vcpus_per_chip else None)
+  return {"chips_per_host": chips_per_host, "img_per_s": img_per_s,
+          "per_core_img_per_s": per_core, "cores": cores, "host_vcpus": vcpus,
+          "can_feed": None if vcpus is None else cores <= vcpus - 1}
+
+
+def format_host_demand(host: dict, augment: str) -> str:
+  vcpus = (f"; the host has {host['host_vcpus']:.0f} vCPUs" if host["host_vcpus"] else
+           "; compare with the host's vCPUs")
+  line = (f"host input: {host['img_per_s']:.0f} img/s per host ({host['chips_per_host']:g} "
+          f"chips) at the estimated step; the {augment} train transform runs at "
+          f"{host['per_core_img_per_s']:.0f} img/s per core on this machine, so about "
+          f"{host['cores']:.1f} cores of decoding{vcpus}")
+  if host["can_feed"] is False:
+    line += (f"\nWARNING: a host cannot feed its chips: it needs ~{host['cores']:.0f} cores of "
+             f"decoding and has {host['host_vcpus']:.0f} vCPUs; expect an input-bound run "
+             "(metrics.jsonl data_wait_fraction), or pre-resize the data")
+  return line
 
 
 def check_fits(result: dict) -> None:
@@ -240,6 +281,7 @@ def format_report(result: dict) -> str:
   lines += [f"{name:22}{a:>16}{b:>16}" for name, a, b in rows]
   lines.append("Estimates are a roofline lower bound on step time (peak FLOP/s or HBM "
                "bandwidth, whichever binds; no all-reduce, no input pipeline).")
+  lines.append(format_host_demand(result["host"], result["augment"]))
   return "\n".join(lines)
 
 
@@ -257,7 +299,7 @@ def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[st
   on topology `name` (each run's train step compiled for it); also the rows as dicts."""
   from shufflenet_jax import config_files, sweeps
 
-  rows, cache = [], {}
+  rows, cache, rates, topo = [], {}, {}, None
   for index, run in enumerate(runs, 1):
     config = sweeps.apply_overrides(config_files.load_config(run.config), overrides)
     key = (config.model, str(sorted(dict(config.model_kwargs).items())), config.batch_size,
@@ -267,6 +309,11 @@ def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[st
       print(f"[{index}/{len(runs)}] compiling {run.name} for {name}", flush=True)
       cache[key] = compile_check(config, name, num_slices, include_eval=False)
     result = cache[key]
+    transform = (config.augment, config.input_size, config.in_channels, config.color_jitter)
+    if transform not in rates:
+      rates[transform] = throughput.per_core_rate(config)
+    topo = topo or topology(name, num_slices)
+    host = host_demand(config, result["train"]["img_per_s_per_chip"], topo, rates[transform])
     steps = total_steps(config)
     chips = result["devices"] // result["devices_per_chip"]
     wall_h = result["train"]["step_s"] * steps / 3600
@@ -275,21 +322,28 @@ def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[st
                  "wall_hours": wall_h, "chip_hours": wall_h * chips,
                  "img_per_s_per_chip": result["train"]["img_per_s_per_chip"],
                  "memory_gib": result["train"]["memory"]["total"] / 2**30,
-                 "fits": result["train"]["fits"]})
+                 "fits": result["train"]["fits"], "host_img_per_s": host["img_per_s"],
+                 "host_cores": host["cores"], "host_can_feed": host["can_feed"]})
   slices = f" x {num_slices} slices" if num_slices > 1 else ""
   lines = [f"Estimated on {name}{slices} ({CHIPS[name.split(':')[0]].name}; roofline lower bound "
            "on step time: real runs are slower)",
            "",
            "| run | global batch | chips | est. step (ms) | est. img/s/chip | steps | "
-           "est. wall (h) | est. chip-hours | memory/device (GiB) | fits |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "est. wall (h) | est. chip-hours | memory/device (GiB) | fits | host img/s | "
+           "decode cores/host |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['run']} | {r['batch']} | {r['chips']} | {r['step_ms']:.2f} | "
                  f"{r['img_per_s_per_chip']:.0f} | {r['steps']} | {r['wall_hours']:.3g} | "
                  f"{r['chip_hours']:.3g} | {r['memory_gib']:.2f} | "
-                 f"{'yes' if r['fits'] else 'NO'} |")
+                 f"{'yes' if r['fits'] else 'NO'} | {r['host_img_per_s']:.0f} | "
+                 f"{r['host_cores']:.1f}{' (too many)' if r['host_can_feed'] is False else ''} |")
   total_wall = sum(r["wall_hours"] for r in rows)
   total_chip = sum(r["chip_hours"] for r in rows)
   lines.append(f"| **all {len(rows)} runs, one after another** | | | | | | {total_wall:.3g} | "
-               f"{total_chip:.3g} | | |")
+               f"{total_chip:.3g} | | | | |")
+  lines.append("")
+  lines.append("decode cores/host: the host's img/s at the estimated step over the per-core rate "
+               "of each run's train transform timed on this machine; (too many): more than the "
+               "host's vCPUs")
   return "\n".join(lines), rows

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from shufflenet_jax import checkpointing, config_check, metrics, optim, parallel
+from shufflenet_jax import checkpointing, config_check, metrics, optim, parallel, profiling
 from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.data import pipeline
 from shufflenet_jax.models import get_model
@@ -116,7 +116,7 @@ def make_train_step(graphdef, tx, config, mesh):
     return mean(loss), logits, mean(stats), mean(grads)
 
   def train_step(state, batch):
-    images, labels = batch["image"], batch["label"]
+    images, labels = pipeline.model_input(batch["image"], config), batch["label"]
     if config.bn_mode == "global":
       (loss, (logits, stats)), grads = grad_fn(state["params"], state["batch_stats"], images,
                                                labels)
@@ -145,7 +145,7 @@ def make_eval_step(graphdef, config, mesh):
 
   def eval_step(state, batch):
     model = nnx.merge(graphdef, state["params"], state["batch_stats"])
-    logits = model(batch["image"], train=False)
+    logits = model(pipeline.model_input(batch["image"], config), train=False)
     labels, mask = batch["label"], batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return {"loss": jnp.sum(loss * mask),
@@ -287,53 +287,67 @@ def _train(config, workdir: Path, mesh, dataset, checkpointer, writer, stop, *, 
   schedule = jax.jit(schedule)  # logged every log_every_steps: one program, not one per op
   if chief and first_step < total_steps:  # training on (e.g. more epochs): not finished now
     (workdir / workdir_files.RESULT_FILE).unlink(missing_ok=True)
-  train_step = make_train_step(graphdef, tx, config, mesh)
-  eval_step = make_eval_step(graphdef, config, mesh)
+  train_step = parallel.CompiledTogether(make_train_step(graphdef, tx, config, mesh), "train")
+  eval_step = parallel.CompiledTogether(make_eval_step(graphdef, config, mesh), "eval")
   if chief:
     print(f"Training {config.model} for {total_steps} steps ({steps_per_epoch} per epoch), "
           f"global batch {config.batch_size} on {mesh.devices.size} device(s) in "
           f"{jax.process_count()} process(es); workdir {workdir}", flush=True)
 
   progress = metrics.Progress(total_steps, first_step, enabled=chief)
+  profiler = profiling.StepProfiler(config.get("profile_steps", ""), workdir, first_step)
+  times = profiling.StepTimes()
   eval_results: dict[str, float] = {}
-  window, window_start, previous = [], time.monotonic(), None
-  for step in range(first_step + 1, total_steps + 1):
-    batch = parallel.global_batch(next(iterator), mesh)
-    state, step_metrics = train_step(state, batch)
-    window.append(step_metrics)
-    if previous is not None:  # one step behind, so the host never stalls the device queue
-      _check_finite(previous, step - 1, checkpointer)
-    previous = step_metrics
-    if step % config.log_every_steps == 0 or step == total_steps:
-      _check_finite(step_metrics, step, checkpointer)
-      elapsed = time.monotonic() - window_start
-      summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
-                 for k in ("loss", "top1", "grad_norm")}
-      scalars = {f"train/{k}": v for k, v in summary.items()}
-      scalars["lr"] = float(schedule(step - 1))
-      scalars["img_per_sec"] = len(window) * config.batch_size / max(elapsed, 1e-9)
-      writer.write(step, scalars)
-      progress.update(step, f"loss {summary['loss']:.4f} top1 {summary['top1']:.3f} "
-                      f"{scalars['img_per_sec']:.0f} img/s")
-      window, window_start = [], time.monotonic()
-    if step % eval_every == 0 or step == total_steps:
-      eval_start = time.monotonic()
-      eval_results = evaluate(eval_step, state, config, dataset, mesh)
-      writer.write(step, eval_results)
-      progress.update(step, f"eval top1 {eval_results['eval/top1']:.4f} "
-                      f"top5 {eval_results['eval/top5']:.4f}")
-      window_start += time.monotonic() - eval_start  # keep img/s about training alone
-    preempted = stop.reached(step)
-    if preempted or step == total_steps or step % config.checkpoint_every_steps == 0:
-      _check_finite(step_metrics, step, checkpointer)
-      checkpointer.save(step, state, iterator, force=preempted or step == total_steps)
-    if preempted:
-      checkpointer.wait()
-      progress.close()
-      if chief:
-        print(f"{stop.signal_name}: saved a checkpoint at step {step} in {workdir}; rerun "
-              "the same command to resume", flush=True)
-      return {"preempted_at_step": step, **eval_results}
+  window, previous = [], None
+  try:
+    for step in range(first_step + 1, total_steps + 1):
+      with times.waiting_for_data():
+        batch = parallel.global_batch(next(iterator), mesh)
+      profiler.before_step(step)
+      log_step = step % config.log_every_steps == 0 or step == total_steps
+      if log_step and step > first_step + 1:  # the run's first step compiles: not timed
+        state, step_metrics = times.timed_step(train_step, state, batch)
+      else:
+        state, step_metrics = train_step(state, batch)
+      profiler.after_step(step, state)
+      window.append(step_metrics)
+      if previous is not None:  # one step behind, so the host never stalls the device queue
+        _check_finite(previous, step - 1, checkpointer)
+      previous = step_metrics
+      if log_step:
+        _check_finite(step_metrics, step, checkpointer)
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
+                   for k in ("loss", "top1", "grad_norm")}
+        scalars = {f"train/{k}": v for k, v in summary.items()}
+        scalars["lr"] = float(schedule(step - 1))
+        breakdown = times.summary()
+        scalars["img_per_sec"] = len(window) * config.batch_size / times.elapsed()
+        scalars.update(breakdown)
+        writer.write(step, scalars)
+        progress.update(step, f"loss {summary['loss']:.4f} top1 {summary['top1']:.3f} "
+                        f"{scalars['img_per_sec']:.0f} img/s{profiling.describe(breakdown)}")
+        window = []
+        times.reset()
+      if step % eval_every == 0 or step == total_steps:
+        eval_start = time.monotonic()
+        eval_results = evaluate(eval_step, state, config, dataset, mesh)
+        writer.write(step, eval_results)
+        progress.update(step, f"eval top1 {eval_results['eval/top1']:.4f} "
+                        f"top5 {eval_results['eval/top5']:.4f}")
+        times.exclude(time.monotonic() - eval_start)  # keep img/s about training alone
+      preempted = stop.reached(step)
+      if preempted or step == total_steps or step % config.checkpoint_every_steps == 0:
+        _check_finite(step_metrics, step, checkpointer)
+        checkpointer.save(step, state, iterator, force=preempted or step == total_steps)
+      if preempted:
+        checkpointer.wait()
+        progress.close()
+        if chief:
+          print(f"{stop.signal_name}: saved a checkpoint at step {step} in {workdir}; rerun "
+                "the same command to resume", flush=True)
+        return {"preempted_at_step": step, **eval_results}
+  finally:
+    profiler.close()
   progress.close()
   if first_step >= total_steps:  # already finished: report instead of silently doing nothing
     eval_results = evaluate(eval_step, state, config, dataset, mesh)
@@ -366,7 +380,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                             f"(python launch.py train --workdir={workdir} ...)")
   step, graphdef, state = restored
   dataset = pipeline.load_dataset(config)
-  results = evaluate(make_eval_step(graphdef, config, mesh), state, config, dataset, mesh)
+  eval_step = parallel.CompiledTogether(make_eval_step(graphdef, config, mesh), "eval")
+  results = evaluate(eval_step, state, config, dataset, mesh)
   if parallel.is_chief():
     print(f"step {step}: top-1 {results['eval/top1']:.4f} top-5 {results['eval/top5']:.4f} "
           f"loss {results['eval/loss']:.4f} on {int(results['eval/num_examples'])} examples",

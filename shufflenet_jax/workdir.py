@@ -25,7 +25,8 @@ METRICS_FILE = "metrics.jsonl"
 # Keys that may differ between a workdir's config.json and a resumed run's config.
 RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                      "keep_checkpoints", "num_workers", "data_dir", "tfds_data_dir", "resume",
-                     "conv_impl", "total_steps", "num_epochs", "eval_batch_size")
+                     "conv_impl", "total_steps", "num_epochs", "eval_batch_size",
+                     "profile_steps")
 
 
 class WorkdirInUseError(RuntimeError):

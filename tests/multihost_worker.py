@@ -30,7 +30,7 @@ assert jax.device_count() == 4, jax.devices()
 mesh = parallel.make_mesh()
 tx, _ = optim.make_optimizer(config, 10)
 graphdef, state = train.create_train_state(config, mesh, tx)
-step = train.make_train_step(graphdef, tx, config, mesh)
+step = parallel.CompiledTogether(train.make_train_step(graphdef, tx, config, mesh), "train")
 rng = np.random.default_rng(0)
 per_process = 16 // jax.process_count()
 lo = jax.process_index() * per_process

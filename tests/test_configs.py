@@ -93,7 +93,9 @@ def _bad_value(key, default):
   """A value of the key's type that its rule in config_check.RULES rejects."""
   if isinstance(default, tuple):
     return (0.5, 0.1)
-  candidates = [-1, 0] if isinstance(default, int) else [-1.0, float("nan"), 1.5]
+  if isinstance(default, str):
+    return "5"
+  candidates = [-1, 0, -2] if isinstance(default, int) else [-1.0, float("nan"), 1.5]
   rule = config_check.RULES[key][0]
   return next(c for c in candidates if not rule(c))
 
@@ -143,8 +145,8 @@ def test_epochs_that_train_nothing_are_refused():
     ("--config.crop_area=(0.9,0.5)", "config crop_area=(0.9, 0.5) is not valid: must be (low, "
                                      "high) with 0 < low <= high <= 1"),
     ("--config.batch_size=-16", "config batch_size=-16 is not valid: must be an integer > 0"),
-    ("--config.num_workers=-1", "config num_workers=-1 is not valid: must be an integer >= 0 "
-                                "(0: decode in-process)"),
+    ("--config.num_workers=-2", "config num_workers=-2 is not valid: must be an integer >= 0 "
+                                "(0: decode in-process) or auto (-1: from the host's cores)"),
 ])
 def test_launch_train_refuses_a_bad_value_in_one_line_and_writes_nothing(flag, message,
                                                                          tmp_path):

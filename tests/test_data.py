@@ -1,8 +1,14 @@
+import io
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import common
-from shufflenet_jax import train
+from shufflenet_jax import config_check, config_files, train
 from shufflenet_jax.data import fashion_mnist, pipeline, preprocess
 from tests import fake_data
 
@@ -36,7 +42,8 @@ def test_fashion_mnist_source_and_train_batches_are_deterministic(tiny_config):
   assert dataset.class_names[9] == "Ankle boot"
   first = [next(iter(pipeline.train_loader(tiny_config, dataset, 8, seed=1))) for _ in range(2)]
   np.testing.assert_array_equal(first[0]["image"], first[1]["image"])
-  assert first[0]["image"].shape == (8, 28, 28, 1) and first[0]["image"].dtype == np.float32
+  # uint8 pixels go to the device (a quarter of float32's bytes); the step normalises them.
+  assert first[0]["image"].shape == (8, 28, 28, 1) and first[0]["image"].dtype == np.uint8
   other = next(iter(pipeline.train_loader(tiny_config, dataset, 8, seed=2)))
   assert not np.array_equal(first[0]["image"], other["image"])
 
@@ -123,3 +130,64 @@ def test_num_classes_mismatch_names_the_right_value(tmp_path):
   config = _imagenet_style_config(tmp_path, "image_folder", root)
   with pytest.raises(ValueError, match="set --config.num_classes=3"):
     pipeline.load_dataset(config)
+
+
+def _photo_like_jpeg(width: int, height: int, seed: int) -> bytes:
+  """A smooth image (like a photo, unlike noise, resampling differences stay small)."""
+  base = np.random.default_rng(seed).integers(0, 255, (height // 40, width // 40, 3), np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(base).resize((width, height), Image.BICUBIC).save(buffer, "JPEG", quality=95)
+  return buffer.getvalue()
+
+
+def test_reduced_decode_keeps_todays_crop_boxes_and_flips():
+  small, large = _photo_like_jpeg(120, 90, 0), _photo_like_jpeg(1600, 1200, 1)
+  reduced = 0
+  for seed in range(24):
+    for data, size in ((small, 32), (large, 64)):
+      today, before = np.random.default_rng(seed), np.random.default_rng(seed)
+      out = preprocess.decode_random_resized_crop(data, today, size, (0.08, 1.0))
+      full = preprocess.random_resized_crop(preprocess.decode(data), before, size, (0.08, 1.0))
+      # The same draws in the same order: the same box, flip and every later draw.
+      assert today.random() == before.random()
+      assert out.shape == full.shape == (size, size, 3) and out.dtype == np.uint8
+      _, _, ch, cw = preprocess.crop_box(*preprocess.decode(data).shape[:2],
+                                         np.random.default_rng(seed), (0.08, 1.0))
+      if min(ch, cw) < 2 * size:  # decoded in full: exactly today's pixels
+        np.testing.assert_array_equal(out, full)
+      else:  # decoded at 1/2..1/8: the same crop, resampled differently
+        reduced += 1
+        difference = np.abs(out.astype(np.float32) - full.astype(np.float32))
+        assert difference.mean() < 2.0 and np.percentile(difference, 99) < 12, (
+            seed, difference.mean(), difference.max())
+  assert reduced >= 8  # the large image took the fast path often enough to be tested
+
+
+def test_the_step_normalises_uint8_pixels_as_the_host_did():
+  images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), np.uint8)
+  for dataset, input_format in (("imagenet2012", "rgb_normalized"), ("image_folder", "bgr_255")):
+    config = common.load_config("configs/shufflenet_v1.py:smoke")
+    config.dataset, config.input_format = dataset, input_format
+    mean, std = pipeline.mean_std(dataset)
+    on_host = preprocess.normalize(images, input_format, mean, std)
+    on_device = jax.jit(lambda x, c=config: pipeline.model_input(x, c))(jnp.asarray(images))
+    assert on_device.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(on_device), on_host, rtol=1e-6, atol=1e-6)
+  floats = jnp.ones((1, 2, 2, 1))
+  assert pipeline.model_input(floats, config) is floats  # already normalised: untouched
+
+
+def test_num_workers_auto_and_profile_steps_are_validated(tiny_config):
+  assert pipeline.worker_count(3) == 3
+  assert pipeline.worker_count(pipeline.AUTO_WORKERS) == 1  # CPU platform: one, to overlap
+  assert config_files.integer_words(["--config.num_workers=auto", "--config.seed=1"]) == [
+      "--config.num_workers=-1", "--config.seed=1"]
+  for key, value, message in (
+      ("num_workers", -2, "num_workers=-2 is not valid: must be an integer >= 0 (0: decode "
+                          "in-process) or auto (-1: from the host's cores)"),
+      ("profile_steps", "5", "profile_steps='5' is not valid: must be '' (off) or 'START:STOP'"),
+      ("profile_steps", "9:3", "profile_steps='9:3' is not valid")):
+    config = tiny_config.copy_and_resolve_references()
+    config[key] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+      config_check.validate(config)

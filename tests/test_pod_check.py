@@ -43,6 +43,13 @@ def test_tiny_config_compiles_for_a_tpu_slice_with_consistent_memory_and_flops()
       2 * result["macs_per_image"] * result["eval"]["batch"])
   assert 0.5 < eval_ratio < 3, eval_ratio
   assert "est. img/s per chip" in out.stdout
+  # What a host must feed its chips, in cores of the train transform timed here.
+  host = result["host"]
+  assert host["img_per_s"] == pytest.approx(train["img_per_s_per_chip"] * host["chips_per_host"])
+  assert host["per_core_img_per_s"] > 0
+  assert host["cores"] == pytest.approx(host["img_per_s"] / host["per_core_img_per_s"])
+  assert host["host_vcpus"] == 28 * host["chips_per_host"]  # v5e VMs: 112 vCPUs per 4 chips
+  assert "host input:" in out.stdout and "img/s per core on this machine" in out.stdout
 
 
 def test_a_batch_the_devices_do_not_divide_is_a_one_line_error():
@@ -64,13 +71,17 @@ def test_sweep_plan_estimates_every_run(tmp_path):
   experiment.write_text("from configs.default import get_config  # noqa: F401\n\n\n"
                         "def sweep(add):\n"
                         "  add(row='a', col='x', family='f', smoke=True)\n"
-                        "  add(row='b', col='x', family='f', smoke=True, groups=2)\n")
+                        "  add(row='b', col='x', family='f', smoke=True, batch_size=64)\n")
   out = _launch("sweep", f"--experiment={experiment}", "--root=/unused", "--plan",
                 "--topology=v5e:2x2", "--config.total_steps=1000")
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [line for line in out.stdout.splitlines() if line.startswith("| smoke-true")]
   assert len(lines) == 2
   cells = [c.strip() for c in lines[0].strip("|").split("|")]
-  assert cells[1:3] == ["16", "4"] and cells[5] == "1000" and cells[-1] == "yes"
+  assert cells[1:3] == ["16", "4"] and cells[5] == "1000" and cells[9] == "yes"
   assert float(cells[7]) > 0  # chip-hours
+  assert float(cells[10]) > 0 and float(cells[11].split()[0]) > 0  # host img/s, decode cores
+  assert "decode cores/host" in out.stdout
   assert "all 2 runs" in out.stdout
+  # The same model, batch and shapes compile once (smoke fixes the batch at 16 for both).
+  assert out.stdout.count("compiling") == 1, out.stdout

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from shufflenet_jax import checkpointing, parallel, train
+from shufflenet_jax import workdir as workdir_files
 from tests import fake_data, processes
 
 pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
@@ -62,11 +63,32 @@ def _tiny_config_like_cli():
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dirs, tmp_path_factory):
+def uninterrupted_run(data_dirs, tmp_path_factory):
+  """The run the interrupted ones must reproduce; it also profiles steps 3-4 (resumable: the
+  interrupted runs do not)."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = _run(_command(workdir, data_dirs))
+  result = _run(_command(workdir, data_dirs, "--config.profile_steps=3:4"))
   assert result.returncode == 0, result.stderr[-3000:]
-  return _params(workdir)
+  return workdir, result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+  return _params(uninterrupted_run[0])
+
+
+def test_every_train_line_says_where_the_time_went_and_profile_steps_write_a_trace(
+    uninterrupted_run):
+  workdir, result = uninterrupted_run
+  lines = [line for line in workdir_files.read_metrics(str(workdir)) if "train/loss" in line]
+  assert [line["step"] for line in lines] == list(range(1, 21))
+  assert all(0 <= line["data_wait_fraction"] <= 1 for line in lines)
+  # Step 1 compiles, so it is not a device time; every later line times one step.
+  assert "step_seconds" not in lines[0]
+  assert all(0 < line["step_seconds"] < 60 for line in lines[1:])
+  traces = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, list((workdir).rglob("*"))
+  assert f"Profile of steps 3-4 written to {workdir / 'profile'}" in result.stdout
 
 
 def _assert_same(params_a, params_b):

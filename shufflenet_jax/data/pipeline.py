@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
+from shufflenet_jax import config_files
 from shufflenet_jax.data import preprocess
 from shufflenet_jax.data.fashion_mnist import FashionMnistIdx, check_files
 from shufflenet_jax.data.image_folder import image_folder_builder
@@ -92,6 +94,30 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
 
 AUGMENTS = ("small", "imagenet")
+AUTO_WORKERS = config_files.AUTO_WORKERS  # num_workers=auto (launch.py: the word -> -1)
+
+
+def worker_count(num_workers: int) -> int:
+  """grain worker processes for this process: num_workers, or for `auto` every core this
+  process may run on (its CPU affinity: a scheduler's per-task share) but one, which runs the
+  training loop. On the CPU platform the model computes on the same cores, so `auto` takes one
+  worker: decoding overlaps the step without taking XLA's cores (BENCHMARKS.md measures it)."""
+  if num_workers != AUTO_WORKERS:
+    return num_workers
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  if jax.devices()[0].platform == "cpu":
+    return min(1, cores - 1)
+  return max(0, cores - 1)
+
+
+def model_input(images, config):
+  """The model's float32 input from a batch: uint8 pixels (what the loaders ship: a quarter of
+  float32's host-to-device bytes) are normalised here, inside the jitted step; float images are
+  taken as already normalised (tests, users' own pipelines)."""
+  if images.dtype != np.uint8:
+    return images
+  mean, std = mean_std(config.dataset)
+  return preprocess.normalize(images, config.input_format, mean, std)
 
 
 def eval_image(config, image) -> np.ndarray:
@@ -105,29 +131,36 @@ def eval_image(config, image) -> np.ndarray:
 class _ImagenetAugment(grain.transforms.RandomMap):
   """Per example (images differ in size): decode, random resized crop, flip, colour jitter."""
 
-  def __init__(self, config, mean, std):
-    self.config, self.mean, self.std = config, mean, std
+  def __init__(self, config):
+    self.config = config
 
   def random_map(self, record, rng: np.random.Generator):
     c = self.config
-    image = preprocess.random_resized_crop(preprocess.decode(record["image"]), rng,
-                                           c.input_size, tuple(c.crop_area))
+    image = preprocess.decode_random_resized_crop(record["image"], rng, c.input_size,
+                                                  tuple(c.crop_area))
     if c.color_jitter:
       image = preprocess.color_jitter(image, rng, c.color_jitter)
-    return {"image": preprocess.normalize(image, c.input_format, self.mean, self.std),
-            "label": np.int32(record["label"])}
+    return {"image": np.ascontiguousarray(image), "label": np.int32(record["label"])}
 
 
 class _SmallImageAugment(grain.transforms.RandomMap):
   """Per batch (one rng per batch: per-example generators cost more than the augmentation)."""
 
-  def __init__(self, config, mean, std):
-    self.config, self.mean, self.std = config, mean, std
+  def __init__(self, config):
+    self.config = config
 
   def random_map(self, batch, rng: np.random.Generator):
-    images = preprocess.pad_crop_flip(batch["image"], rng)
-    return {"image": preprocess.normalize(images, self.config.input_format, self.mean, self.std),
+    return {"image": preprocess.pad_crop_flip(batch["image"], rng),
             "label": batch["label"].astype(np.int32)}
+
+
+def train_transform(config) -> grain.transforms.RandomMap:
+  """The config's random train transform: per example (imagenet) or per batch (small)."""
+  if config.augment == "small":
+    return _SmallImageAugment(config)
+  if config.augment == "imagenet":
+    return _ImagenetAugment(config)
+  raise ValueError(f"augment={config.augment!r} is not one of {AUGMENTS}")
 
 
 def train_loader(config, dataset: Dataset, per_process_batch: int,
@@ -140,14 +173,10 @@ def train_loader(config, dataset: Dataset, per_process_batch: int,
           drop_remainder=True),
       shuffle=True, num_epochs=None, seed=seed)
   batch = grain.transforms.Batch(per_process_batch, drop_remainder=True)
-  if config.augment == "small":
-    operations = [batch, _SmallImageAugment(config, dataset.mean, dataset.std)]
-  elif config.augment == "imagenet":
-    operations = [_ImagenetAugment(config, dataset.mean, dataset.std), batch]
-  else:
-    raise ValueError(f"augment={config.augment!r} is not one of {AUGMENTS}")
+  transform = train_transform(config)
+  operations = [batch, transform] if config.augment == "small" else [transform, batch]
   return grain.DataLoader(data_source=dataset.train, sampler=sampler, operations=operations,
-                          worker_count=config.num_workers)
+                          worker_count=worker_count(config.num_workers))
 
 
 def eval_batches(config, dataset: Dataset, per_process_batch: int) -> Iterator[dict]:
@@ -161,20 +190,20 @@ def eval_batches(config, dataset: Dataset, per_process_batch: int) -> Iterator[d
   num_batches = math.ceil(share / per_process_batch)
 
   pad = {"image": np.zeros((config.input_size, config.input_size, config.in_channels),
-                           np.float32), "label": np.int32(0), "mask": np.float32(0)}
+                           np.uint8), "label": np.int32(0), "mask": np.float32(0)}
 
   def load(position: int):  # never None: grain would drop it
     i = start + position
     if i >= stop:
       return pad
     record = dataset.eval[i]
-    image = preprocess.normalize(eval_image(config, record["image"]), config.input_format,
-                                 dataset.mean, dataset.std)
-    return {"image": image, "label": np.int32(record["label"]), "mask": np.float32(1)}
+    return {"image": np.ascontiguousarray(eval_image(config, record["image"])),
+            "label": np.int32(record["label"]), "mask": np.float32(1)}
 
   batches = grain.MapDataset.range(num_batches * per_process_batch).map(load).batch(
       per_process_batch)
   iterator = batches.to_iter_dataset()
-  if config.num_workers:
-    iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(config.num_workers))
+  workers = worker_count(config.num_workers)
+  if workers:
+    iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(workers))
   yield from iterator

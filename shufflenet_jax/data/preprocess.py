@@ -54,25 +54,62 @@ def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
   return out
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        area: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-  """Inception-style crop (torchvision's RandomResizedCrop, 10 tries then center crop) + flip."""
-  h, w = image.shape[:2]
+def crop_box(height: int, width: int, rng: np.random.Generator,
+             area: tuple[float, float] = (0.08, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """Inception-style crop (torchvision's RandomResizedCrop rule: 10 tries, then the central
+  square): (top, left, crop height, crop width) in the full-resolution image."""
   log_ratio = np.log(ratio)
   for _ in range(10):
-    target_area = h * w * rng.uniform(*area)
+    target_area = height * width * rng.uniform(*area)
     aspect = np.exp(rng.uniform(*log_ratio))
     cw = int(round(np.sqrt(target_area * aspect)))
     ch = int(round(np.sqrt(target_area / aspect)))
-    if 0 < cw <= w and 0 < ch <= h:
-      top = int(rng.integers(0, h - ch + 1))
-      left = int(rng.integers(0, w - cw + 1))
-      break
-  else:
-    ch = cw = min(h, w)
-    top, left = (h - ch) // 2, (w - cw) // 2
+    if 0 < cw <= width and 0 < ch <= height:
+      top = int(rng.integers(0, height - ch + 1))
+      left = int(rng.integers(0, width - cw + 1))
+      return top, left, ch, cw
+  side = min(height, width)
+  return (height - side) // 2, (width - side) // 2, side, side
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        area: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Random resized crop + flip of a decoded image (see crop_box)."""
+  top, left, ch, cw = crop_box(*image.shape[:2], rng, area, ratio)
   out = _resize(image[top:top + ch, left:left + cw], size, size)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+# libjpeg decodes at 1/2, 1/4 or 1/8 of the size in a fraction of the time (DCT scaling).
+JPEG_SCALES = (8, 4, 2)
+
+
+def decode_random_resized_crop(data, rng: np.random.Generator, size: int,
+                               area: tuple[float, float] = (0.08, 1.0),
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """decode + random_resized_crop with the same crop box and flip for the same rng, decoding a
+  JPEG at a reduced scale when the crop still has at least `size` pixels per side there (then
+  the output differs from the full decode only by resampling)."""
+  if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
+    return random_resized_crop(data, rng, size, area, ratio)
+  try:
+    with Image.open(io.BytesIO(bytes(data))) as img:
+      width, height = img.size
+      top, left, ch, cw = crop_box(height, width, rng, area, ratio)
+      scale = next((s for s in JPEG_SCALES if min(ch, cw) >= s * size), 1)
+      if scale > 1 and img.format == "JPEG":
+        img.draft("RGB", (width // scale, height // scale))
+      img = img.convert("RGB")  # decodes
+  except Exception as e:  # PIL raises many types for corrupt data
+    raise BadImageError(f"cannot decode image ({len(bytes(data))} bytes): {e}") from e
+  if img.size == (width, height):  # full decode: exactly random_resized_crop's pixels
+    out = _resize(np.asarray(img)[top:top + ch, left:left + cw], size, size)
+  else:
+    sx, sy = img.width / width, img.height / height
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    out = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
   return out[:, ::-1] if rng.random() < 0.5 else out
 
 
