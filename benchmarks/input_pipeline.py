@@ -64,8 +64,12 @@ def per_core(path, jpegs: list[bytes], seconds: float, size: int = 224) -> dict:
 
 def per_host(jpegs: list[bytes], workers: int, seconds: float, batch: int = 64) -> dict:
   """img/s of pipeline.train_loader (today's path) with `workers` grain processes."""
+  from absl import flags
+
   from configs import common
   from shufflenet_jax.data import pipeline
+  if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+    flags.FLAGS.mark_as_parsed()
   config = common.load_config("configs/shufflenet_v1.py")
   config.num_workers = workers
   records = [{"image": jpegs[i % len(jpegs)], "label": i % 1000} for i in range(4096)]
