@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.color_jitter = 0.0
   c.input_format = "rgb_normalized"  # rgb_normalized | bgr_255 (official Megvii input)
   c.eval_resize = 256
-  c.num_workers = 0                # grain decoding worker processes per host (0 = in-process)
+  c.num_workers = 0                # grain decoding processes per host (0 = in-process;
+                                  # --config.num_workers=auto: from the host's cores)
   c.on_bad_image = "fail"          # fail | skip (image_folder: skip and count unreadable files)
 
   c.batch_size = 128               # global, over all devices of all hosts
