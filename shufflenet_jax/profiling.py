@@ -17,6 +17,8 @@ import jax
 # The progress line flags a window in which more than this share of the time waited for data.
 INPUT_BOUND_FRACTION = 0.1
 PROFILE_DIR = "profile"
+# The keys of a train line that measure time, not training (they differ between identical runs).
+TIMING_KEYS = ("img_per_sec", "data_wait_fraction", "step_seconds")
 
 
 def parse_profile_steps(value: str) -> tuple[int, int] | None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shufflenet_jax import profiling
 from shufflenet_jax import workdir as workdir_files
 from tests import fake_data, processes
 
@@ -132,9 +133,9 @@ def test_a_checkpoint_without_its_iterator_state_is_not_resumed_silently(run, tm
   assert "Resuming from checkpoint at step 3" in result.stdout
   assert list((exact / "unreadable_checkpoints").iterdir())[0].name.startswith("6_")
   # From step 3 with its iterator: the same steps 4-6 as the uninterrupted run.
-  redone = [r for r in workdir_files.read_metrics(exact) if "train/loss" in r][-3:]
-  assert redone == [{**r, "img_per_sec": redone[i]["img_per_sec"]} for i, r in enumerate(
-      [r for r in reference if "train/loss" in r][-3:])]
+  untimed = lambda lines: [{k: v for k, v in r.items() if k not in profiling.TIMING_KEYS}
+                           for r in lines if "train/loss" in r][-3:]
+  assert untimed(workdir_files.read_metrics(exact)) == untimed(reference)
   result = _train(data, anyway, "--config.resume=any_data_order")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resuming with a fresh data order" in result.stdout
@@ -198,13 +199,14 @@ def test_a_full_disk_ends_in_one_line_and_the_run_resumes_after_freeing_space(fi
       result = _train(data, workdir, "--config.total_steps=30")
       line = _one_error_line(result)
       assert "no space left on the device (ENOSPC) writing " + str(workdir) in line, line
-      assert f"kept: checkpoints [3, 6] in {workdir / 'checkpoints'}" in line, line
+      kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+      assert kept and f"kept: checkpoints {kept} in {workdir / 'checkpoints'}" in line, line
       assert "free some space and rerun the same command" in line
       assert len((result.stdout + result.stderr).splitlines()) < 40  # no Orbax thread logs
       subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)  # space freed
       resumed = _train(data, workdir, "--config.total_steps=30")
       assert resumed.returncode == 0, resumed.stderr[-3000:]
-      assert "Resuming from checkpoint at step 6" in resumed.stdout
+      assert f"Resuming from checkpoint at step {kept[-1]}" in resumed.stdout
       assert "Done: step 30" in resumed.stdout
     finally:
       subprocess.run(["umount", "-l", str(disk)])
