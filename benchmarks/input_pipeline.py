@@ -13,7 +13,6 @@ One run times, on the same generated JPEGs (smooth images, which compress like p
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -25,20 +24,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from shufflenet_jax.data import throughput  # noqa: E402
 
 SIZES = {"500x375": (500, 375), "1000x750": (1000, 750)}
-
-
-def make_jpegs(width: int, height: int, count: int = 16, seed: int = 0) -> list[bytes]:
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(count):
-    base = rng.integers(0, 255, (height // 16, width // 16, 3), np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(base).resize((width, height), Image.BICUBIC).save(buffer, "JPEG", quality=90)
-    out.append(buffer.getvalue())
-  return out
 
 
 def previous_path(data: bytes, rng, size: int):
@@ -100,14 +89,14 @@ def main() -> None:
   results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
              "command": " ".join(["python"] + sys.argv), "per_core": {}, "per_host": {}}
   for name, (w, h) in SIZES.items():
-    jpegs = make_jpegs(w, h)
+    jpegs = throughput.photo_like_jpegs(w, h, count=16)
     kb = sum(map(len, jpegs)) / len(jpegs) / 1024
     for label, path in (("previous", previous_path), ("today", todays_path)):
       r = per_core(path, jpegs, args.seconds)
       results["per_core"][f"{name} {label}"] = {**r, "jpeg_kb": kb}
       print(f"{name} ({kb:.0f} KB) {label:8s} {r['img_per_s']:7.1f} img/s/core, "
             f"{r['bytes_shipped']} bytes/image shipped", flush=True)
-  jpegs = make_jpegs(*SIZES["500x375"])
+  jpegs = throughput.photo_like_jpegs(*SIZES["500x375"], count=16)
   for workers in map(int, args.workers.split(",")):
     r = per_host(jpegs, workers, args.seconds)
     results["per_host"][f"{workers} workers"] = r

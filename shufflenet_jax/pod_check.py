@@ -143,8 +143,9 @@ def _cost(compiled) -> dict:
 
 
 def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int = 1,
-                  include_eval: bool = True) -> dict:
-  """Compiles the config's train and eval steps for topology `name`; returns the report dict."""
+                  include_eval: bool = True, per_core: float | None = None) -> dict:
+  """Compiles the config's train and eval steps for topology `name`; returns the report dict.
+  `per_core`: the train transform's img/s per core, when already measured (else timed here)."""
   topo = topology(name, num_slices)
   devices = len(topo.devices)
   _check_divides(config.batch_size, devices, "batch_size")
@@ -193,7 +194,7 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
         "img_per_s_per_chip": batch / step_s / (devices / topo.devices_per_chip)
         if step_s else float("inf"),
     }
-  host = host_demand(config, steps["train"]["img_per_s_per_chip"], topo)
+  host = host_demand(config, steps["train"]["img_per_s_per_chip"], topo, per_core)
   return {"config_model": config.model, "model_kwargs": dict(config.model_kwargs),
           "topology": name, "num_slices": num_slices, "chip": dataclasses.asdict(chip),
           "devices": devices, "devices_per_chip": topo.devices_per_chip, "hosts": topo.hosts,
@@ -305,13 +306,14 @@ def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[st
     key = (config.model, str(sorted(dict(config.model_kwargs).items())), config.batch_size,
            config.eval_batch_size, config.input_size, config.in_channels, config.num_classes,
            config.compute_dtype, config.bn_mode, config.conv_impl)
+    transform = (config.augment, config.input_size, config.in_channels, config.color_jitter)
+    if transform not in rates:  # timed once per transform, not once per compile
+      rates[transform] = throughput.per_core_rate(config)
     if key not in cache:
       print(f"[{index}/{len(runs)}] compiling {run.name} for {name}", flush=True)
-      cache[key] = compile_check(config, name, num_slices, include_eval=False)
+      cache[key] = compile_check(config, name, num_slices, include_eval=False,
+                                 per_core=rates[transform])
     result = cache[key]
-    transform = (config.augment, config.input_size, config.in_channels, config.color_jitter)
-    if transform not in rates:
-      rates[transform] = throughput.per_core_rate(config)
     topo = topo or topology(name, num_slices)
     host = host_demand(config, result["train"]["img_per_s_per_chip"], topo, rates[transform])
     steps = total_steps(config)
