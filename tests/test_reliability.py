@@ -1,5 +1,6 @@
 """Preemption, crashes, a busy workdir and bad input, through the real command line."""
 
+import json
 import os
 import signal
 import subprocess
@@ -64,10 +65,11 @@ def _tiny_config_like_cli():
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(data_dirs, tmp_path_factory):
-  """The run the interrupted ones must reproduce; it also profiles steps 3-4 (resumable: the
-  interrupted runs do not)."""
+  """The run the interrupted ones must reproduce; it also profiles steps 3-4 and decodes with
+  num_workers=auto (one grain worker on CPU): both resumable changes, the data order is the same."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = _run(_command(workdir, data_dirs, "--config.profile_steps=3:4"))
+  result = _run(_command(workdir, data_dirs, "--config.profile_steps=3:4",
+                         "--config.num_workers=auto"))
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result
 
@@ -89,6 +91,7 @@ def test_every_train_line_says_where_the_time_went_and_profile_steps_write_a_tra
   traces = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0, list((workdir).rglob("*"))
   assert f"Profile of steps 3-4 written to {workdir / 'profile'}" in result.stdout
+  assert json.loads((workdir / "config.json").read_text())["num_workers"] == -1  # the word auto
 
 
 def _assert_same(params_a, params_b):
