@@ -295,6 +295,16 @@ def _quiet_background_errors() -> None:
   handler = logging.get_absl_handler()
   handler.addFilter(lambda record: "/orbax/" not in record.pathname.replace("\\", "/"))
   threading.excepthook = lambda args: None
+  default_unraisable = sys.unraisablehook
+
+  def unraisable(report) -> None:
+    # After a failed save Orbax closes its event loop while TensorStore's other writes are still
+    # failing; each one's completion callback then reports "Event loop is closed" from C++.
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+      default_unraisable(report)
+
+  sys.unraisablehook = unraisable
 
 
 def _main_with_clear_errors(argv: list[str]) -> None:
