@@ -15,8 +15,10 @@ FASHION_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 
 # uv installs the same requirements as pip, from the same index, in seconds instead of minutes
 # (measured: BENCHMARKS.md). It does not read pip.conf: behind a private index, INSTALLER=pip.
+# --compile-bytecode writes the .pyc files pip writes by default: without them, where
+# PYTHONDONTWRITEBYTECODE is set, every process compiles jax, flax and orbax from source (5 s).
 INSTALLER ?= uv
-install = $(if $(filter uv,$(INSTALLER)),$(VENV)/bin/uv pip install -q --python $(1),$(1) -m pip install -q)
+install = $(if $(filter uv,$(INSTALLER)),$(VENV)/bin/uv pip install -q --compile-bytecode --python $(1),$(1) -m pip install -q)
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; JAX >= 0.11 needs Python >= 3.12 (pyenv install 3.12, or PYTHON=/path/to/python3.12)"; exit 1; }
