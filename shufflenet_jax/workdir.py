@@ -216,6 +216,8 @@ def storage_error(exception: BaseException) -> OSError | None:
   while exception is not None and id(exception) not in seen:
     seen.add(id(exception))
     if isinstance(exception, OSError) and exception.errno in STORAGE_ERRORS:
+      if exception.filename is None:  # a write() on an open file: its path is in the traceback
+        return OSError(exception.errno, exception.strerror, _path_written(exception))
       return exception
     text = str(exception)
     for code, words in STORAGE_ERRORS.items():  # TensorStore reports errno in its message
@@ -223,6 +225,22 @@ def storage_error(exception: BaseException) -> OSError | None:
         path = re.search(r'"(/[^"]+)"', text)  # the file it was writing
         return OSError(code, os.strerror(code), path.group(1) if path else None)
     exception = exception.__cause__ or exception.__context__
+  return None
+
+
+def _path_written(exception: BaseException) -> str | None:
+  """The path of the innermost frame that holds one (`self` of a Path's write_text, a `path`
+  argument), e.g. for Orbax's metadata writes, whose OSError names no file."""
+  frames = []
+  tb = exception.__traceback__
+  while tb is not None:
+    frames.append(tb.tb_frame)
+    tb = tb.tb_next
+  for frame in reversed(frames):
+    for name in ("self", "path", "filename", "file"):
+      value = frame.f_locals.get(name)
+      if isinstance(value, os.PathLike):
+        return os.fspath(value)
   return None
 
 

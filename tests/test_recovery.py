@@ -218,6 +218,23 @@ def test_a_full_disk_ends_in_one_line_and_the_run_resumes_after_freeing_space(fi
     assert "no space left on the device (ENOSPC)" in line
 
 
+def test_a_storage_error_without_a_file_name_is_named_from_the_write_that_failed(tmp_path):
+  # Orbax writes its metadata with Path.write_text: the OSError of f.write names no file (seen
+  # under load in CI: "no space left on the device (ENOSPC); kept: ..." with no path).
+  target = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp" / "_sharding"
+
+  def write_text(self, data):
+    raise OSError(28, "No space left on device")
+
+  try:
+    write_text(target, "{}")
+  except OSError as e:
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = e
+    found = workdir_files.storage_error(wrapped)
+  assert (found.errno, found.filename) == (28, str(target))
+
+
 LATE_TENSORSTORE_CALLBACK = """
 import asyncio, sys, time
 import numpy as np
