@@ -81,11 +81,39 @@ def _train_step_outputs(graphdef, state, x):
   return value, grads, stats, record
 
 
-def weights(name: str, kwargs: dict) -> tuple:
-  """(params, other state) of get_model's seed-0 initialisation, on the host: the same for every
-  conv implementation (they share parameters, checkpoints and layouts)."""
-  _, params, rest = nnx.split(get_model(name, conv_impl="xla", seed=0, **kwargs), nnx.Param, ...)
-  return jax.device_get((params, rest))
+def weights(name: str, kwargs: dict, seed: int = 0) -> tuple:
+  """(params, other state) on the host, the same for every conv implementation (they share
+  parameters, checkpoints and layouts), distributed as the model's own initialisation: He-normal
+  kernels, N(0, 0.01) for the classifier, BN scale 1 and shift 0, running mean 0 and variance 1.
+  Drawn with numpy from the abstract model: compiling the model's initialiser costs ~3 s per
+  model and is not under test. (GRADIENT_TRUTH_BOUND was measured on this distribution.)"""
+  model = get_model(name, conv_impl="xla", abstract=True, **kwargs)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    shape, key = leaf.shape, jax.tree_util.keystr(path)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return np.zeros(shape, leaf.dtype)
+    if "['scale']" in key or "['var']" in key:
+      return np.ones(shape, np.float32)
+    if len(shape) < 2:  # biases, BN shifts and running means
+      return np.zeros(shape, np.float32)
+    std = 0.01 if len(shape) == 2 else np.sqrt(2.0 / np.prod(shape[:-1]))  # dense: classifier
+    return rng.normal(0.0, std, shape).astype(np.float32)
+
+  draw_all = lambda tree: jax.tree_util.tree_map_with_path(draw, tree)
+  return draw_all(params), draw_all(rest)
+
+
+@contextlib.contextmanager
+def _optimisations_off():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _graphdef(name: str, kwargs: dict, impl: str):
@@ -123,15 +151,10 @@ def float64_runs(name: str, kwargs: dict, state, x, mask_sets):
     return dict(loss=value, grads=grads, stats=stats,
                 logits=nnx.merge(graphdef, *state)(x, train=False))
 
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    with jax.enable_x64(True):
-      step = jax.jit(run)  # the masks are arguments: one compile serves every set
-      state, x = _as_float64(state), _as_float64(x)
-      return [jax.device_get(step(state, x, masks)) for masks in mask_sets]
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
+  with _optimisations_off(), jax.enable_x64(True):
+    step = jax.jit(run)  # the masks are arguments: one compile serves every set
+    state, x = _as_float64(state), _as_float64(x)
+    return [jax.device_get(step(state, x, masks)) for masks in mask_sets]
 
 
 def tree_error(values, truth) -> dict[str, float]:

@@ -62,25 +62,22 @@ def test_matmul_is_as_close_to_float64_as_xla_forward_and_gradients(case, dtype,
     assert f64.error(b, t) <= 2 * max(f64.error(a, t), floor), (f64.error(b, t), f64.error(a, t))
 
 
-WHOLE_MODELS = [  # V1 shallow (half the units, every kind of unit): compiling is the cost
-    ("shufflenet_v1", dict(groups=3, scale=0.5, shallow=True)),
-    ("shufflenet_v1", dict(groups=8, scale=0.25, shallow=True)),
+WHOLE_MODELS = [  # every kind of unit, stem, layout and shuffle once: compiling is the cost
+    ("shufflenet_v1", dict(groups=3, scale=0.5)),  # the full depth (every unit of every stage)
+    ("shufflenet_v1", dict(groups=8, scale=0.25, stem="imagenet", shallow=True)),  # max pool
     ("shufflenet_v1", dict(groups=2, scale=0.5, shuffle=False, shallow=True)),
     ("shufflenet_v1", dict(groups=4, scale=0.5, shuffle_order="official", shallow=True)),
-    ("shufflenet_v1", dict(groups=3, scale=0.25, stem="imagenet", shallow=True)),  # max pool
     ("shufflenet_v1", dict(groups=1, scale=0.25, shallow=True)),
-    ("shufflenet_v1", dict(groups=3, scale=0.5)),  # the full depth once
     ("shufflenet_v2", dict(scale=0.5)),
-    ("shufflenet_v2", dict(scale=0.5, stem="imagenet")),
-    ("shufflenet_v2", dict(scale=0.5, layout="official")),
+    ("shufflenet_v2", dict(scale=0.5, stem="imagenet", layout="official")),
     ("table4_baseline", dict(unit="vgg", width=16)),
     ("table4_baseline", dict(unit="resnet", width=32)),
     ("table4_baseline", dict(unit="resnext", width=32)),
     ("mobilenet_v1", dict(width=0.25)),
 ]
-# Float32 gradients of these models lie about 1e-5 from float64 (measured on AVX2 and AVX-512
-# code, both implementations, batch 4; up to 6.7e-5 for V2 with the ImageNet stem): an
-# implementation that is not within this of the truth is wrong.
+# Float32 gradients of these models lie 6e-7 to 1.1e-4 from float64 (measured 2026-12-02 on AVX2
+# and AVX-512 code, both implementations, batch 4, float64_truth.weights; the most for VGG, which
+# has no residual path): an implementation that is not within this of the truth is wrong.
 GRADIENT_TRUTH_BOUND = 2e-4
 
 
@@ -110,7 +107,7 @@ def test_whole_models_against_float64_and_across_implementations(name, kwargs):
     for key, e in f64.tree_error(run["stats"], truth["stats"]).items():
       assert e <= 1e-5, (impl, key, e)
     assert f64.error(run["logits"], truth["logits"]) <= 1e-4
-  assert worst["matmul"] <= 2 * worst["xla"], worst
+  assert worst["matmul"] <= 2 * max(worst["xla"], ULPS * F32_ULP), worst
   xla, matmul = runs["xla"], runs["matmul"]
   np.testing.assert_allclose(xla["loss"], matmul["loss"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(xla["stats"]), jax.tree.leaves(matmul["stats"])):
