@@ -18,10 +18,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.expanduser("~/.cache/shufflenet_jax/jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from tests import fake_data  # noqa: E402
+from tests import fake_data, jitted  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +29,8 @@ def _optimised_code_for_numerics(request):
   if request.node.get_closest_marker("numerics") is None:
     yield
     return
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", False)
-  try:
+  with jitted.xla_optimisations(True):
     yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(scope="session")

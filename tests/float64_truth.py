@@ -20,6 +20,7 @@ from flax import nnx
 
 from shufflenet_jax import parallel
 from shufflenet_jax.models import get_model, layers
+from tests import jitted
 
 _RELU = jax.nn.relu
 
@@ -106,16 +107,6 @@ def weights(name: str, kwargs: dict, seed: int = 0) -> tuple:
   return draw_all(params), draw_all(rest)
 
 
-@contextlib.contextmanager
-def _optimisations_off():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _graphdef(name: str, kwargs: dict, impl: str):
   model = get_model(name, conv_impl=impl, abstract=True, **kwargs)
   return nnx.split(model, nnx.Param, ...)[0]
@@ -151,7 +142,7 @@ def float64_runs(name: str, kwargs: dict, state, x, mask_sets):
     return dict(loss=value, grads=grads, stats=stats,
                 logits=nnx.merge(graphdef, *state)(x, train=False))
 
-  with _optimisations_off(), jax.enable_x64(True):
+  with jitted.xla_optimisations(False), jax.enable_x64(True):
     step = jax.jit(run)  # the masks are arguments: one compile serves every set
     state, x = _as_float64(state), _as_float64(x)
     return [jax.device_get(step(state, x, masks)) for masks in mask_sets]
