@@ -107,7 +107,7 @@ def test_whole_models_against_float64_and_across_implementations(name, kwargs):
     for key, e in f64.tree_error(run["stats"], truth["stats"]).items():
       assert e <= 1e-5, (impl, key, e)
     assert f64.error(run["logits"], truth["logits"]) <= 1e-4
-  assert worst["matmul"] <= 2 * max(worst["xla"], ULPS * F32_ULP), worst
+  assert worst["matmul"] <= 2 * worst["xla"], worst
   xla, matmul = runs["xla"], runs["matmul"]
   np.testing.assert_allclose(xla["loss"], matmul["loss"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(xla["stats"]), jax.tree.leaves(matmul["stats"])):
