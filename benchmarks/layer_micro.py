@@ -15,7 +15,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shufflenet_jax import parallel  # noqa: E402
-from shufflenet_jax.models import layers  # noqa: E402
+from shufflenet_jax.models import layers, matmul  # noqa: E402
 
 
 def fwd_bwd_ms(f, *args, repeats: int = 20) -> float:
@@ -45,7 +45,7 @@ def main() -> None:
   conv = layers.Conv(240, 60, 1, groups=3, conv_impl="matmul", rngs=nnx.Rngs(0))
   graphdef_conv, conv_state = nnx.split(conv)
   rows.append(("grouped 1x1 g3, 240->60, matmul on group-major [3,32,28,28,80]", fwd_bwd_ms(
-      lambda x, s: nnx.merge(graphdef_conv, s).grouped(x), layers.to_groups(x240, 3),
+      lambda x, s: nnx.merge(graphdef_conv, s).grouped(x), matmul.to_groups(x240, 3),
       conv_state)))
   rows.append(("dense 1x1, 240->60, matmul", fwd_bwd_ms(
       lambda x, w: layers.conv2d(x, w, impl="matmul"), x240,

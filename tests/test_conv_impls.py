@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from shufflenet_jax import parallel
-from shufflenet_jax.models import get_model, layers
+from shufflenet_jax.models import get_model, layers, matmul
 from shufflenet_jax.models.layers import conv2d
 from tests import float64_truth as f64
 from tests import jitted
@@ -87,7 +87,7 @@ def test_whole_models_against_float64_and_across_implementations(name, kwargs):
   float64 (with the float32 run's ReLU decisions: tests/float64_truth.py): every gradient of
   the matmul path is as close to the truth as XLA's own (at most twice its worst error), and
   the loss, BN statistics and eval outputs agree. (V1 with groups > 1 runs its stages
-  group-major under matmul: layers.to_groups.)"""
+  group-major under matmul: matmul.to_groups.)"""
   kwargs = {"stem": "small", "num_classes": 10, **kwargs}
   size = 64 if kwargs["stem"] == "imagenet" else 32
   # Batch 4: with 2, Stage 4's BN normalises 8 values a channel and amplifies float32 rounding
@@ -148,14 +148,14 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
 
 def test_group_major_layout_keeps_the_channel_order():
   x = jnp.arange(2 * 3 * 3 * 12, dtype=jnp.float32).reshape(2, 3, 3, 12)
-  xg = layers.to_groups(x, 3)
+  xg = matmul.to_groups(x, 3)
   assert xg.shape == (3, 2, 3, 3, 4)
   np.testing.assert_array_equal(xg[1, :, :, :, 2], x[..., 1 * 4 + 2])
-  np.testing.assert_array_equal(layers.from_groups(xg), x)
-  shuffled = layers.regroup(xg, lambda t: layers.channel_shuffle(t, 3))
-  np.testing.assert_array_equal(layers.from_groups(shuffled), layers.channel_shuffle(x, 3))
+  np.testing.assert_array_equal(matmul.from_groups(xg), x)
+  shuffled = matmul.regroup(xg, lambda t: layers.channel_shuffle(t, 3))
+  np.testing.assert_array_equal(matmul.from_groups(shuffled), layers.channel_shuffle(x, 3))
   with pytest.raises(ValueError, match="not divisible by groups=5"):
-    layers.to_groups(x, 5)
+    matmul.to_groups(x, 5)
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["f32", "bf16"])
@@ -169,7 +169,7 @@ def test_batch_norm_grouped_equals_nnx_batch_norm(dtype):
   tolerance = dict(rtol=1e-5, atol=1e-5) if dtype is None else dict(rtol=2e-2, atol=2e-2)
   for train in (True, False):
     expected = reference(x, use_running_average=not train)
-    got = layers.from_groups(layers.batch_norm_grouped(grouped, layers.to_groups(x, 3), train))
+    got = matmul.from_groups(matmul.batch_norm_grouped(grouped, matmul.to_groups(x, 3), train))
     assert got.dtype == expected.dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
                                **tolerance)

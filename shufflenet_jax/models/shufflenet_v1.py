@@ -25,13 +25,12 @@ from shufflenet_jax.models.layers import (
     avg_pool,
     channel_shuffle,
     channel_unshuffle,
-    from_groups,
+    group_major,
     pool_and_classify,
-    regroup,
     sequential,
     stem_and_stages,
-    to_groups,
 )
+from shufflenet_jax.models.matmul import from_groups, regroup, to_groups
 
 GROUPS = (1, 2, 3, 4, 8)
 SCALES = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -111,7 +110,7 @@ class ShuffleV1Unit(nnx.Module):
     return jax.nn.relu(jnp.concatenate([pooled, y], axis=-1))
 
   def grouped(self, x: jax.Array, train: bool) -> jax.Array:
-    """`__call__` on group-major activations (layers.to_groups) with this unit's groups:
+    """`__call__` on group-major activations (matmul.to_groups) with this unit's groups:
     x is NHWC for a stride-2 unit (a stage's first) and group-major otherwise; returns
     group-major. No grouped conv pays for a transpose, and the shuffle is fused into the
     depthwise conv's reads."""
@@ -175,8 +174,8 @@ class ShuffleNetV1(nnx.Module):
       stages.append(nnx.List(units))
     self.stages = nnx.List(stages)
     self.fc = Dense(in_features, num_classes, use_bias=fc_bias, rngs=rngs)
-    # Group-major stages where grouped convs are matmuls (layers.to_groups); NHWC elsewhere.
-    self.group_major = groups > 1 and self.conv1.conv.conv_impl == "matmul"
+    # Group-major stages where grouped convs are matmuls (matmul.to_groups); NHWC elsewhere.
+    self.group_major = group_major(conv_impl, groups)
 
   def named_layers(self) -> list[tuple[str, callable]]:
     """Table-1 rows as (name, fn(x, train)), in order; `__call__` and the summary share them."""
