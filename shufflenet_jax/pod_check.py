@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
+import json
 import math
 import os
 import re
@@ -142,6 +144,43 @@ def _cost(compiled) -> dict:
           "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
+def analysis_cache_dir() -> Path:
+  """Where compiled programs' analyses are kept: beside JAX's compilation cache when one is set
+  (JAX cannot reload an executable compiled for a topology without its chips, so its own cache
+  never hits for these), else ~/.cache/shufflenet_jax."""
+  jax_cache = jax.config.jax_compilation_cache_dir
+  root = Path(jax_cache) if jax_cache else Path.home() / ".cache" / "shufflenet_jax"
+  return root / "tpu_analyses"
+
+
+def _analysis(lowered, name: str, num_slices: int) -> dict:
+  """Memory and cost analysis of `lowered` compiled for topology `name`, and its compile time.
+  Kept on disk under the program's text, the topology and the compiler's versions: a plan rerun
+  after changing one run compiles only that run (a TPU compile takes seconds to minutes)."""
+  import libtpu
+  compiler = [jax.__version__, getattr(libtpu, "__version__", "?"), name, str(num_slices),
+              os.environ.get("LIBTPU_INIT_ARGS", ""), os.environ.get("XLA_FLAGS", ""),
+              str(jax.config.read("jax_disable_most_optimizations"))]
+  key = hashlib.sha256("\n".join([*compiler, lowered.as_text()]).encode()).hexdigest()
+  path = analysis_cache_dir() / f"{key}.json"
+  try:
+    return {**json.loads(path.read_text()), "cached": True}
+  except (OSError, ValueError):
+    pass  # not compiled before, or an unreadable entry: compile again
+  started = time.monotonic()
+  compiled = lowered.compile()
+  result = {"memory": _memory(compiled), "cost": _cost(compiled),
+            "compile_seconds": time.monotonic() - started}
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(result))
+    os.replace(partial, path)  # readers never see half an entry
+  except OSError:
+    pass  # a read-only home: the plan is still right, only not kept
+  return {**result, "cached": False}
+
+
 def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int = 1,
                   include_eval: bool = True, per_core: float | None = None) -> dict:
   """Compiles the config's train and eval steps for topology `name`; returns the report dict.
@@ -156,18 +195,12 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
   graphdef, state = train.abstract_train_state(config, mesh, tx)
 
-  started = time.monotonic()
-  train_step = train.make_train_step(graphdef, tx, config, mesh)
-  compiled_train = train_step.lower(state, _abstract_batch(config.batch_size, config, mesh)) \
-      .compile()
-  train_seconds = time.monotonic() - started
-  compiled_eval, eval_seconds = None, 0.0
+  analyses = {"train": _analysis(train.make_train_step(graphdef, tx, config, mesh).lower(
+      state, _abstract_batch(config.batch_size, config, mesh)), name, num_slices)}
   if include_eval:
-    started = time.monotonic()
-    eval_step = train.make_eval_step(graphdef, config, mesh)
-    compiled_eval = eval_step.lower(
-        state, _abstract_batch(config.eval_batch_size, config, mesh, eval_batch=True)).compile()
-    eval_seconds = time.monotonic() - started
+    analyses["eval"] = _analysis(train.make_eval_step(graphdef, config, mesh).lower(
+        state, _abstract_batch(config.eval_batch_size, config, mesh, eval_batch=True)),
+        name, num_slices)
 
   macs = complexity.model_macs(summary.abstract_model(config), config.input_size,
                                config.in_channels)
@@ -176,17 +209,14 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
   per_device_flops = chip.peak_tflops * 1e12 / topo.devices_per_chip
   per_device_bw = chip.hbm_gbps * 1e9 / topo.devices_per_chip
   steps = {}
-  for key, compiled, batch, seconds in (("train", compiled_train, config.batch_size,
-                                         train_seconds),
-                                        ("eval", compiled_eval, config.eval_batch_size,
-                                         eval_seconds)):
-    if compiled is None:
-      continue
-    memory, cost = _memory(compiled), _cost(compiled)
+  for key, analysis in analyses.items():
+    batch = config.batch_size if key == "train" else config.eval_batch_size
+    memory, cost = analysis["memory"], analysis["cost"]
     compute_s, memory_s = cost["flops"] / per_device_flops, cost["bytes"] / per_device_bw
     step_s = max(compute_s, memory_s)
     steps[key] = {
-        "batch": batch, "compile_seconds": seconds, "memory": memory,
+        "batch": batch, "compile_seconds": analysis["compile_seconds"],
+        "analysis_cached": analysis["cached"], "memory": memory,
         "fits": memory["total"] <= per_device_hbm, "flops_per_device": cost["flops"],
         "bytes_per_device": cost["bytes"], "compute_bound_s": compute_s,
         "memory_bound_s": memory_s, "step_s": step_s,
@@ -248,6 +278,10 @@ def _gib(x: float) -> str:
   return f"{x / 2**30:.3f} GiB"
 
 
+def _compile_time(step: dict) -> str:
+  return f"{step['compile_seconds']:.1f} s" + (" (reused)" if step["analysis_cached"] else "")
+
+
 def format_report(result: dict) -> str:
   chip = result["chip"]
   lines = [
@@ -262,7 +296,7 @@ def format_report(result: dict) -> str:
   t, e = result["train"], result["eval"]
   rows = [
       ("global batch", str(t["batch"]), str(e["batch"])),
-      ("compile time", f"{t['compile_seconds']:.1f} s", f"{e['compile_seconds']:.1f} s"),
+      ("compile time", _compile_time(t), _compile_time(e)),
       ("arguments", _gib(t["memory"]["arguments"]), _gib(e["memory"]["arguments"])),
       ("temporaries", _gib(t["memory"]["temporaries"]), _gib(e["memory"]["temporaries"])),
       ("generated code", _gib(t["memory"]["generated_code"]),

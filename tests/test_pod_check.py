@@ -42,7 +42,7 @@ def test_tiny_config_compiles_for_a_tpu_slice_with_consistent_memory_and_flops()
   eval_ratio = result["eval"]["flops_per_device"] * result["devices"] / (
       2 * result["macs_per_image"] * result["eval"]["batch"])
   assert 0.5 < eval_ratio < 3, eval_ratio
-  assert "est. img/s per chip" in out.stdout
+  assert "est. img/s per chip" in out.stdout and "compile time" in out.stdout
   # What a host must feed its chips, in cores of the train transform timed here.
   host = result["host"]
   assert host["img_per_s"] == pytest.approx(train["img_per_s_per_chip"] * host["chips_per_host"])
@@ -85,3 +85,29 @@ def test_sweep_plan_estimates_every_run(tmp_path):
   assert "all 2 runs" in out.stdout
   # The same model, batch and shapes compile once (smoke fixes the batch at 16 for both).
   assert out.stdout.count("compiling") == 1, out.stdout
+
+
+def test_a_compiled_programs_analysis_is_kept_and_reused_only_for_the_same_program(
+    tmp_path, monkeypatch):
+  """JAX cannot reload an executable compiled for a topology without its chips, so pod_check
+  keeps the analysis itself (sweep --plan reruns compile only what changed)."""
+  import jax
+  import jax.numpy as jnp
+
+  from shufflenet_jax import pod_check
+  pod_check._import_libtpu()
+  monkeypatch.setattr(pod_check, "analysis_cache_dir", lambda: tmp_path / "kept")
+  x = jnp.ones((64, 64))
+  square = jax.jit(lambda a: a @ a).lower(x)
+  first = pod_check._analysis(square, "v5e:2x2", 1)
+  again = pod_check._analysis(square, "v5e:2x2", 1)
+  assert not first["cached"] and again["cached"]
+  assert again["memory"] == first["memory"] and again["cost"] == first["cost"]
+  assert first["cost"]["flops"] == pytest.approx(2 * 64**3, rel=0.01)
+  assert not pod_check._analysis(square, "v5e:4x4", 1)["cached"]  # another topology
+  cube = jax.jit(lambda a: a @ a @ a).lower(x)
+  assert not pod_check._analysis(cube, "v5e:2x2", 1)["cached"]  # another program
+  for entry in (tmp_path / "kept").iterdir():
+    entry.write_text("{not json")  # a damaged entry is compiled again, not trusted
+  assert not pod_check._analysis(square, "v5e:2x2", 1)["cached"]
+  assert pod_check._analysis(square, "v5e:2x2", 1)["cached"]
