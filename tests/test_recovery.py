@@ -26,9 +26,9 @@ from configs.shufflenet_v1 import get_config  # noqa: F401
 
 
 def sweep(add):
-  add(row="a", col="x", family="f", groups=3, scale=0.25, proxy=True, smoke=True)
+  add(row="a", col="x", family="f", groups=3, scale=0.25, shallow=True, proxy=True, smoke=True)
 '''
-V1 = "configs/shufflenet_v1.py:proxy=true,smoke=true,groups=3"
+V1 = "configs/shufflenet_v1.py:proxy=true,smoke=true,groups=3,shallow=true"  # half the units
 STEPS = ("--config.batch_size=16", "--config.eval_batch_size=16", "--config.log_every_steps=1",
          "--config.checkpoint_every_steps=3", "--config.eval_every_steps=6",
          "--config.num_workers=0")
