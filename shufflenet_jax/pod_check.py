@@ -159,7 +159,8 @@ def _analysis(lowered, name: str, num_slices: int) -> dict:
   after changing one run compiles only that run (a TPU compile takes seconds to minutes)."""
   import libtpu
   compiler = [jax.__version__, getattr(libtpu, "__version__", "?"), name, str(num_slices),
-              os.environ.get("LIBTPU_INIT_ARGS", ""), os.environ.get("XLA_FLAGS", ""),
+              os.environ.get("LIBTPU_INIT_ARGS", ""),
+              " ".join(sorted(set(os.environ.get("XLA_FLAGS", "").split()))),
               str(jax.config.read("jax_disable_most_optimizations"))]
   key = hashlib.sha256("\n".join([*compiler, lowered.as_text()]).encode()).hexdigest()
   path = analysis_cache_dir() / f"{key}.json"
