@@ -160,3 +160,30 @@ def test_bad_arguments_name_the_valid_choices():
     get_model("shufflenet_v1", stem="tiny", abstract=True)
   with pytest.raises(ValueError, match="conv_impl='fast' is not one of"):
     layers.resolve_conv_impl("fast")
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("shufflenet_v1", dict(groups=3, scale=0.25, shallow=True, conv_impl="matmul")),  # group-major
+    ("shufflenet_v2", dict(scale=0.5, conv_impl="xla")),
+    ("mobilenet_v1", dict(width=0.25, conv_impl="xla")),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_feature_maps_are_the_classifier_paths_values_at_each_stride(name, kwargs):
+  """`model(x, features=True)`: a backbone for detection/segmentation heads."""
+  model = _filled(get_model(name, num_classes=10, abstract=True, **kwargs))
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  graphdef, state = nnx.split(model)
+  both = jax.jit(lambda s, x: (nnx.merge(graphdef, s)(x),
+                               nnx.merge(graphdef, s)(x, features=True)))
+  logits, maps = both(state, x)
+  assert set(maps) == {"stride2", "stride4", "stride8", "stride16", "stride32"}
+  for key, value in maps.items():
+    stride = int(key.removeprefix("stride"))
+    assert value.shape[:3] == (2, 64 // stride, 64 // stride), (key, value.shape)
+  last = nnx.merge(graphdef, state).fc(layers.global_avg_pool(maps["stride32"]))
+  np.testing.assert_allclose(last, logits, rtol=1e-5, atol=1e-5)
+  small = get_model(name, num_classes=10, abstract=True, stem="small", **kwargs)
+  small_graphdef, small_state = nnx.split(small)  # shapes only: no compile
+  shapes = jax.eval_shape(lambda s, x: nnx.merge(small_graphdef, s)(x, features=True),
+                          small_state, x)
+  assert "stride1" in shapes and all(  # the small stem keeps conv1 at the input's size
+      v.shape[1] == 64 // int(k.removeprefix("stride")) for k, v in shapes.items())

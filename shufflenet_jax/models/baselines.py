@@ -116,8 +116,9 @@ class Table4Baseline(nnx.Module):
   def named_layers(self):
     return stem_and_stages(self) + pool_and_classify(self)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return apply_layers(self.named_layers(), x, train)
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False):
+    """Logits, or with `features=True` the feature maps by stride (layers.feature_maps)."""
+    return apply_layers(self.named_layers(), x, train, features)
 
 
 class MobileNetV1(nnx.Module):
@@ -153,8 +154,9 @@ class MobileNetV1(nnx.Module):
                      lambda x, train, d=depthwise, p=pointwise: p(d(x, train), train)))
     return layers + pool_and_classify(self)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return apply_layers(self.named_layers(), x, train)
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False):
+    """Logits, or with `features=True` the feature maps by stride (layers.feature_maps)."""
+    return apply_layers(self.named_layers(), x, train, features)
 
 
 def xception_like(target_mflops: int) -> dict:

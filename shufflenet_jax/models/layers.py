@@ -248,7 +248,25 @@ def pool_and_classify(model) -> list[tuple[str, callable]]:
           ("fc", lambda x, train: model.fc(x))]
 
 
-def apply_layers(layers, x: jax.Array, train: bool) -> jax.Array:
+def apply_layers(layers, x: jax.Array, train: bool, features: bool = False):
+  """The layers in order: the logits, or with `features=True` the backbone's feature maps for
+  detection or segmentation heads (`feature_maps`)."""
+  if features:
+    return feature_maps(layers, x, train)
   for _, layer in layers:
     x = layer(x, train)
   return x
+
+
+def feature_maps(layers, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+  """The last NHWC output at each resolution before the global pool, keyed by its stride to the
+  input: with the ImageNet stem {"stride2": conv1, "stride4": max pool, "stride8": stage2,
+  "stride16": stage3, "stride32": stage4 (V2: conv5)}; with the small stem stride1..8. The same
+  values the classifier path computes (the logits are fc(mean of the last map))."""
+  size, maps = x.shape[1], {}
+  for name, layer in layers:
+    if name == "global_pool":
+      break
+    x = layer(x, train)
+    maps[f"stride{round(size / x.shape[1])}"] = x
+  return maps

@@ -182,5 +182,6 @@ class ShuffleNetV1(nnx.Module):
     layers = stem_and_stages(self, _group_major_stage if self.group_major else sequential)
     return layers + pool_and_classify(self)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return apply_layers(self.named_layers(), x, train)
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False):
+    """Logits, or with `features=True` the feature maps by stride (layers.feature_maps)."""
+    return apply_layers(self.named_layers(), x, train, features)

@@ -119,5 +119,6 @@ class ShuffleNetV2(nnx.Module):
     layers.append(("conv5", self.conv5))
     return layers + pool_and_classify(self)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return apply_layers(self.named_layers(), x, train)
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False):
+    """Logits, or with `features=True` the feature maps by stride (layers.feature_maps)."""
+    return apply_layers(self.named_layers(), x, train, features)
