@@ -25,26 +25,18 @@ from tests import jitted
 _RELU = jax.nn.relu
 
 
-def _as_layout_of(mask, x):
-  """A recorded decision in x's layout: group-major [g, N, H, W, c] and NHWC convert."""
-  if mask.shape == x.shape:
-    return mask
-  if mask.ndim == 5 and x.ndim == 4:
-    return matmul.from_groups(mask)
-  if mask.ndim == 4 and x.ndim == 5:
-    return matmul.to_groups(mask, x.shape[0])
-  raise ValueError(f"recorded ReLU decision {mask.shape} does not fit an input {x.shape}")
-
-
 @contextlib.contextmanager
 def relu_decisions(record: list | None = None, replay=None):
   """While active, every `jax.nn.relu` appends `x > 0` to `record`, or applies the next mask of
-  `replay` (recorded in either layout) instead of its own comparison."""
+  `replay` (in x's layout: float64_runs converts group-major ones) instead of its own comparison."""
   masks = iter(replay) if replay is not None else None
 
   def relu(x):
     if masks is not None:
-      return jnp.where(_as_layout_of(next(masks), x), x, jnp.zeros((), x.dtype))
+      mask = next(masks)
+      if mask.shape != x.shape:
+        raise ValueError(f"recorded ReLU decision {mask.shape} does not fit an input {x.shape}")
+      return jnp.where(mask, x, jnp.zeros((), x.dtype))
     record.append(x > 0)
     return _RELU(x)
 
