@@ -17,18 +17,26 @@ LIBTPU = Path(sys.prefix) / "libtpu"
 TINY = "--config=configs/default.py:smoke"
 
 
-def _launch(*args, timeout=600):
+def _launch(*args, timeout=600, env=None):
   assert (LIBTPU / "libtpu").is_dir(), (
       f"libtpu is not installed in {LIBTPU}; `make test` installs it (see Makefile)")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # launch.py finds .venv/libtpu itself
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}  # finds .venv/libtpu itself
   return subprocess.run([sys.executable, "launch.py", *args], cwd=processes.ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_tiny_config_compiles_for_a_tpu_slice_with_consistent_memory_and_flops():
-  out = _launch("compile", TINY, "--topology=v5e:2x2", "--json")
+def test_tiny_config_compiles_for_a_tpu_slice_with_consistent_memory_and_flops(tmp_path):
+  kept = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}  # compiles here, for real
+  out = _launch("compile", TINY, "--topology=v5e:2x2", "--json", env=kept)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert not result["train"]["analysis_cached"] and not result["eval"]["analysis_cached"]
+  # The same command again reuses both analyses (JAX cannot reload TPU executables here).
+  again = _launch("compile", TINY, "--topology=v5e:2x2", env=kept)
+  assert again.returncode == 0, again.stderr[-3000:]
+  times = next(line for line in again.stdout.splitlines() if line.startswith("compile time"))
+  assert times.count("(reused)") == 2, times
+  assert len(list((tmp_path / "cache" / "tpu_analyses").glob("*.json"))) == 2
   assert result["devices"] == 4 and result["chip"]["name"] == "TPU v5e"
   for step in ("train", "eval"):
     memory = result[step]["memory"]
