@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
 from configs import common
@@ -61,6 +62,42 @@ def test_iterator_state_resumes_the_same_batches(tiny_config):
     np.testing.assert_array_equal(next(resumed)["label"], want)
 
 
+def test_a_global_batch_is_the_same_on_any_number_of_processes_and_workers(tiny_config):
+  """The stream behind a 2-process x 2-device job is the 1 x 4 job's: each process's batches are
+  its slice of the same global batches, augmentations included, across epochs (96 examples,
+  global batch 16: batch 6 is the first of epoch 2), with or without a grain worker."""
+  dataset = pipeline.load_dataset(tiny_config)
+  if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (launch.py parses)
+    flags.FLAGS.mark_as_parsed()
+
+  def batches(count, index, workers=0, steps=8):
+    tiny_config.num_workers = workers
+    loader = pipeline.train_loader(tiny_config, dataset, 16 // count, seed=3,
+                                   process_index=index, process_count=count)
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(steps)]
+
+  one = batches(1, 0)
+  two = [batches(2, i) for i in range(2)]
+  for step, whole in enumerate(one):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([two[0][step][key], two[1][step][key]]),
+                                    whole[key])
+  for got, want in zip(batches(1, 0, workers=1), one):
+    np.testing.assert_array_equal(got["image"], want["image"])
+  # Every epoch visits every example once, each in a new order; the crops are random.
+  labels = np.concatenate([b["label"] for b in one[:6]])
+  assert np.bincount(labels, minlength=10).tolist() == np.bincount(
+      [int(dataset.train[i]["label"]) for i in range(96)], minlength=10).tolist()
+  source = pipeline.GlobalBatches(dataset.train, 16, 3, 0, 1)
+  assert not np.array_equal(source.permutation(0), source.permutation(1))
+  assert sorted(source.permutation(1)) == list(range(96))
+  raw = np.stack(source[0]["image"])
+  assert not np.array_equal(one[0]["image"], raw)
+  with pytest.raises(ValueError, match="global batch 15 is not divisible by 2 processes"):
+    pipeline.GlobalBatches(dataset.train, 15, 3, 0, 2)
+
+
 def test_preprocessing_shapes_and_determinism():
   rng_image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)
   a = preprocess.random_resized_crop(rng_image, np.random.default_rng(5), 32, (0.08, 1.0))
@@ -69,9 +106,10 @@ def test_preprocessing_shapes_and_determinism():
   crop = preprocess.resize_center_crop(rng_image, 36, 32)
   assert crop.shape == (32, 32, 3)
   batch = np.stack([rng_image[:28, :28, :1]] * 4)
-  small = preprocess.pad_crop_flip(batch, np.random.default_rng(0))
+  keys = preprocess.position_keys(0, np.arange(4))
+  small = preprocess.pad_crop_flip(batch, keys)
   assert small.shape == (4, 28, 28, 1)
-  np.testing.assert_array_equal(small, preprocess.pad_crop_flip(batch, np.random.default_rng(0)))
+  np.testing.assert_array_equal(small, preprocess.pad_crop_flip(batch, keys.copy()))
   assert not np.array_equal(small[0], small[1]) or not np.array_equal(small[1], small[2])
   jittered = preprocess.color_jitter(rng_image, np.random.default_rng(0), 0.4)
   assert jittered.shape == rng_image.shape and jittered.dtype == np.uint8

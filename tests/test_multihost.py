@@ -7,9 +7,11 @@ import socket
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from shufflenet_jax import parallel, train
 from shufflenet_jax import workdir as workdir_files
 from tests import fake_data, processes
 
@@ -73,22 +75,34 @@ def _finish(started, timeout=300):
   return outputs
 
 
-def test_two_processes_compute_the_train_step_of_one_process_on_the_same_global_batches(
-    tmp_path):
-  """The train step's math across processes: fixed global batches, each process feeding its
-  slice (tests/multihost_worker.py), against 1 process x 4 devices."""
-  port = _free_port()
-  worker = str(ROOT / "tests" / "multihost_worker.py")
-  jobs = [[processes.start([sys.executable, worker, str(i), str(n), str(port), str(4 // n),
-                            str(tmp_path)], tmp_path) for i in range(n)] for n in (2, 1)]
-  for job in jobs:
+def _trained_state(run):
+  step, _, state = train.restore_train_state(workdir_files.load_config(run), str(run),
+                                             parallel.make_mesh())
+  return step, jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
+
+
+def test_two_launch_processes_train_exactly_what_one_process_with_all_devices_trains(data,
+                                                                                    tmp_path):
+  """`launch.py train` on 2 processes x 2 devices and on 1 process x 4 devices (at the same
+  time): the same global batches, augmentations included, so the same parameters and BN
+  statistics after 6 steps (only the order of the gradient all-reduce's float sums differs)."""
+  flags = _config_flags(data, total_steps=6, num_workers=1)
+  runs = {n: tmp_path / f"run_{n}x{4 // n}" for n in (2, 1)}
+  jobs = {n: _launch(["train", f"--config={SMOKE}", f"--workdir={runs[n]}", *flags], tmp_path,
+                     num_processes=n, devices=4 // n) for n in (2, 1)}
+  for job in jobs.values():
     _finish(job)
-  reference = np.load(tmp_path / "params_1_0.npz")
-  for process in (0, 1):
-    params = np.load(tmp_path / f"params_2_{process}.npz")
-    assert len(params.files) == len(reference.files)
-    for key in reference.files:
-      np.testing.assert_allclose(params[key], reference[key], rtol=1e-5, atol=1e-6)
+  (step_a, a), (step_b, b) = (_trained_state(runs[n]) for n in (2, 1))
+  assert step_a == step_b == 6
+  leaves_a, leaves_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [path for path, _ in leaves_a] == [path for path, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  # Step by step the same batches: every logged loss agrees, and they are six different losses.
+  losses = [[line["train/loss"] for line in workdir_files.read_metrics(str(runs[n]))
+             if "train/loss" in line] for n in (2, 1)]
+  assert len(losses[0]) == len(set(losses[0])) == 6
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
 def test_two_launch_processes_are_one_job_stopped_on_one_host_and_resumed_on_both(data,

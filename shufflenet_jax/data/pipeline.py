@@ -1,8 +1,10 @@
 """Datasets -> numpy batches for this process: tfds builder -> array_record -> grain.
 
-Training batches come from a grain DataLoader whose iterator state is checkpointed with the
-model (exact resume). Evaluation reads each process's contiguous share of the split, padded to
-whole batches with `mask`=0 examples, so every example counts exactly once on any device count.
+Training batches come from a grain DataLoader over GlobalBatches: what a global batch holds
+depends on the seed alone, not on the process or worker count, and the loader's iterator state
+is checkpointed with the model (exact resume). Evaluation reads each process's contiguous share
+of the split, padded to whole batches with `mask`=0 examples, so every example counts exactly
+once on any device count.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,54 +131,109 @@ def eval_image(config, image) -> np.ndarray:
   return image
 
 
-class _ImagenetAugment(grain.transforms.RandomMap):
-  """Per example (images differ in size): decode, random resized crop, flip, colour jitter."""
+class GlobalBatches:
+  """This process's slice of every global training batch: record t is its part of batch t.
 
-  def __init__(self, config):
-    self.config = config
+  The batches cut an endless stream of positions into global batches of `global_batch`:
+  position g is example permutation_e[g mod N] of epoch e = g // N (a fresh permutation of the N
+  examples from (seed, e) every epoch), and process p of P reads positions
+  [t*B + p*B/P, t*B + (p+1)*B/P) of batch t. Every example's augmentation is keyed by
+  (seed, position) too (`augment_batch`), so neither the process count nor the number of grain
+  workers changes what a global batch holds: 2 processes x 2 devices train on exactly the
+  batches of 1 process x 4 devices, and a resumed run continues the same stream.
+  """
 
-  def random_map(self, record, rng: np.random.Generator):
-    c = self.config
-    image = preprocess.decode_random_resized_crop(record["image"], rng, c.input_size,
-                                                  tuple(c.crop_area))
-    if c.color_jitter:
-      image = preprocess.color_jitter(image, rng, c.color_jitter)
-    return {"image": np.ascontiguousarray(image), "label": np.int32(record["label"])}
+  def __init__(self, source, global_batch: int, seed: int, process_index: int,
+               process_count: int):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} is not divisible by {process_count} "
+                       "processes")
+    self.source, self.global_batch, self.seed = source, global_batch, seed
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch = global_batch // process_count
+    self._permutations: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return sys.maxsize  # endless
+
+  def __repr__(self) -> str:  # grain checks it on resume: another stream is refused
+    return (f"GlobalBatches({self.source!r}, global_batch={self.global_batch}, "
+            f"seed={self.seed}, process={self.process_index}/{self.process_count})")
+
+  def __getstate__(self):  # to grain's workers without the cache
+    return {**self.__dict__, "_permutations": {}}
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._permutations:
+      if len(self._permutations) > 1:  # a batch spans at most two epochs
+        self._permutations.pop(min(self._permutations))
+      rng = np.random.default_rng([self.seed, PERMUTATION_STREAM, epoch])
+      self._permutations[epoch] = rng.permutation(len(self.source))
+    return self._permutations[epoch]
+
+  def positions(self, step: int) -> np.ndarray:
+    start = step * self.global_batch + self.process_index * self.local_batch
+    return np.arange(start, start + self.local_batch, dtype=np.int64)
+
+  def __getitem__(self, step: int) -> dict:
+    positions = self.positions(step)
+    epochs, offsets = np.divmod(positions, len(self.source))
+    indices = [int(self.permutation(int(e))[o]) for e, o in zip(epochs, offsets)]
+    if hasattr(self.source, "__getitems__"):  # array_record reads a batch in one call
+      records = self.source.__getitems__(indices)
+    else:
+      records = [self.source[i] for i in indices]
+    return {"image": [r["image"] for r in records],
+            "label": np.array([r["label"] for r in records], np.int32), "position": positions}
 
 
-class _SmallImageAugment(grain.transforms.RandomMap):
-  """Per batch (one rng per batch: per-example generators cost more than the augmentation)."""
-
-  def __init__(self, config):
-    self.config = config
-
-  def random_map(self, batch, rng: np.random.Generator):
-    return {"image": preprocess.pad_crop_flip(batch["image"], rng),
-            "label": batch["label"].astype(np.int32)}
+# Independent random streams of one seed: the epochs' permutations and the examples' crops.
+PERMUTATION_STREAM, AUGMENT_STREAM = 0, 1
 
 
-def train_transform(config) -> grain.transforms.RandomMap:
-  """The config's random train transform: per example (imagenet) or per batch (small)."""
+def augment_batch(config, images: list, positions: np.ndarray, seed: int) -> np.ndarray:
+  """The config's train augmentation of examples at these stream positions, as one uint8 batch:
+  each example's randomness depends only on (seed, position)."""
   if config.augment == "small":
-    return _SmallImageAugment(config)
-  if config.augment == "imagenet":
-    return _ImagenetAugment(config)
-  raise ValueError(f"augment={config.augment!r} is not one of {AUGMENTS}")
+    keys = preprocess.position_keys(seed, positions)
+    return preprocess.pad_crop_flip(np.stack(images), keys)
+  if config.augment != "imagenet":
+    raise ValueError(f"augment={config.augment!r} is not one of {AUGMENTS}")
+  out = []
+  for image, position in zip(images, positions):
+    rng = np.random.default_rng([seed, AUGMENT_STREAM, int(position)])
+    image = preprocess.decode_random_resized_crop(image, rng, config.input_size,
+                                                  tuple(config.crop_area))
+    if config.color_jitter:
+      image = preprocess.color_jitter(image, rng, config.color_jitter)
+    out.append(image)
+  return np.stack(out)
 
 
-def train_loader(config, dataset: Dataset, per_process_batch: int,
-                 seed: int) -> grain.DataLoader:
-  """Endless shuffled training batches for this process (its shard of every epoch)."""
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(dataset.train),
-      shard_options=grain.sharding.ShardOptions(
-          shard_index=jax.process_index(), shard_count=jax.process_count(),
-          drop_remainder=True),
-      shuffle=True, num_epochs=None, seed=seed)
-  batch = grain.transforms.Batch(per_process_batch, drop_remainder=True)
-  transform = train_transform(config)
-  operations = [batch, transform] if config.augment == "small" else [transform, batch]
-  return grain.DataLoader(data_source=dataset.train, sampler=sampler, operations=operations,
+class _Augment(grain.transforms.Map):
+  """Per batch, in grain's workers: a batch's images decoded and augmented (augment_batch)."""
+
+  def __init__(self, config, seed: int):
+    if config.augment not in AUGMENTS:
+      raise ValueError(f"augment={config.augment!r} is not one of {AUGMENTS}")
+    self.config, self.seed = config, seed
+
+  def map(self, batch):
+    return {"image": augment_batch(self.config, batch["image"], batch["position"], self.seed),
+            "label": batch["label"]}
+
+
+def train_loader(config, dataset: Dataset, per_process_batch: int, seed: int, *,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.DataLoader:
+  """Endless training batches for this process: its slice of every global batch (GlobalBatches;
+  the process defaults to this JAX process), checkpointable for exact resume."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  batches = GlobalBatches(dataset.train, per_process_batch * count, seed, index, count)
+  return grain.DataLoader(data_source=batches,
+                          sampler=grain.samplers.SequentialSampler(num_records=len(batches)),
+                          operations=[_Augment(config, seed)],
                           worker_count=worker_count(config.num_workers))
 
 

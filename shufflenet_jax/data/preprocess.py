@@ -1,5 +1,6 @@
-"""Per-example preprocessing in numpy/PIL: deterministic given the rng grain derives from
-(seed, example index), so a resumed run reproduces the same augmentations."""
+"""Per-example preprocessing in numpy/PIL: deterministic given an rng (or key) made from
+(seed, the example's position in the training stream), so a resumed run, or the same run on
+another number of processes, reproduces the same augmentations."""
 
 from __future__ import annotations
 
@@ -40,17 +41,34 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return out[..., None] if squeeze else out
 
 
-def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
-                        pad: int = 2) -> np.ndarray:
-  """Small-image augmentation of an (N, H, W, C) batch: zero-pad, random crop, random flip."""
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """A bijective mix of uint64s (SplitMix64's finaliser): nearby inputs give unrelated outputs."""
+  x = x + np.uint64(0x9E3779B97F4A7C15)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def position_keys(seed: int, positions: np.ndarray) -> np.ndarray:
+  """One random uint64 per example from (seed, stream position), vectorised: a generator per
+  example would cost more than the small-image augmentation it drives."""
+  seed_key = _splitmix64(np.array([seed], np.uint64))
+  return _splitmix64(np.asarray(positions).astype(np.uint64) ^ seed_key)
+
+
+def pad_crop_flip(images: np.ndarray, keys: np.ndarray, pad: int = 2) -> np.ndarray:
+  """Small-image augmentation of an (N, H, W, C) batch: zero-pad, random crop, random flip;
+  example i's crop offsets and flip come from the bits of keys[i] (position_keys)."""
   n, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
-  flips = rng.random(n) < 0.5
+  span = np.uint64(2 * pad + 1)
+  tops = (keys % span).astype(np.int64)
+  lefts = ((keys >> np.uint64(16)) % span).astype(np.int64)
+  flips = ((keys >> np.uint64(32)) & np.uint64(1)).astype(bool)
   out = np.empty_like(images)
-  for i, ((top, left), flip) in enumerate(zip(offsets, flips)):
-    crop = padded[i, top:top + h, left:left + w]
-    out[i] = crop[:, ::-1] if flip else crop
+  for i in range(n):
+    crop = padded[i, tops[i]:tops[i] + h, lefts[i]:lefts[i] + w]
+    out[i] = crop[:, ::-1] if flips[i] else crop
   return out
 
 

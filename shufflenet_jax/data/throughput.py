@@ -33,17 +33,16 @@ def per_core_rate(config, seconds: float = 1.0) -> float:
   """img/s one core of this machine delivers with the config's train transform."""
   from shufflenet_jax.data import pipeline
   rng = np.random.default_rng(0)
-  transform = pipeline.train_transform(config)
   if config.augment == "imagenet":
-    records = [{"image": jpeg, "label": 0} for jpeg in photo_like_jpegs(*TYPICAL_IMAGENET_SIZE)]
-    step = lambda i: transform.random_map(records[i % len(records)], rng)
+    jpegs = photo_like_jpegs(*TYPICAL_IMAGENET_SIZE)
+    step = lambda i: pipeline.augment_batch(config, [jpegs[i % len(jpegs)]], np.array([i]), 0)
     images_per_call = 1
   else:  # small images: one call augments a whole batch
     images_per_call = 256
-    batch = {"image": rng.integers(0, 256, (images_per_call, config.input_size, config.input_size,
-                                            config.in_channels), np.uint8),
-             "label": np.zeros(images_per_call, np.int64)}
-    step = lambda i: transform.random_map(batch, rng)
+    images = list(rng.integers(0, 256, (images_per_call, config.input_size, config.input_size,
+                                        config.in_channels), np.uint8))
+    step = lambda i: pipeline.augment_batch(config, images,
+                                            np.arange(images_per_call) + i * images_per_call, 0)
   step(0)
   calls, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
