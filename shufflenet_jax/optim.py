@@ -36,12 +36,24 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _sgd(config: ml_collections.ConfigDict, learning_rate) -> optax.GradientTransformation:
+  """PyTorch-equivalent SGD: grad + wd * param, then momentum (optionally Nesterov)."""
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=config.nesterov),
+  )
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """PyTorch-equivalent SGD: grad + wd * param, then momentum (optionally Nesterov)."""
+  """The run's optimizer (its state: what is initialised and checkpointed) and lr schedule."""
   schedule = lr_schedule(config, total_steps)
-  tx = optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
-  )
-  return tx, schedule
+  return _sgd(config, schedule), schedule
+
+
+def optimizer_at(config: ml_collections.ConfigDict, lr) -> optax.GradientTransformation:
+  """make_optimizer's update with this step's lr given as a value (a traced scalar in the train
+  step): the compiled step then does not depend on the schedule, total_steps or the peak lr, so
+  runs that differ only in those (a sweep, a longer run, a resumed one) share one program.
+  Same state structure as make_optimizer's (the schedule's step count is kept)."""
+  return _sgd(config, lambda count: lr)

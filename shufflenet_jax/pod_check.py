@@ -196,8 +196,9 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
   graphdef, state = train.abstract_train_state(config, mesh, tx)
 
-  analyses = {"train": _analysis(train.make_train_step(graphdef, tx, config, mesh).lower(
-      state, _abstract_batch(config.batch_size, config, mesh)), name, num_slices)}
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=parallel.replicated(mesh))
+  analyses = {"train": _analysis(train.make_train_step(graphdef, config, mesh).lower(
+      state, _abstract_batch(config.batch_size, config, mesh), lr), name, num_slices)}
   if include_eval:
     analyses["eval"] = _analysis(train.make_eval_step(graphdef, config, mesh).lower(
         state, _abstract_batch(config.eval_batch_size, config, mesh, eval_batch=True)),

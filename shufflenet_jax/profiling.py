@@ -63,11 +63,11 @@ class StepTimes:
     """Time that belongs to neither (evaluation, a checkpoint): not part of the window."""
     self.start += seconds
 
-  def timed_step(self, step_fn, state, batch):
+  def timed_step(self, step_fn, state, *args):
     """Runs one step synchronously and records its time."""
     jax.block_until_ready(state)
     start = time.monotonic()
-    state, step_metrics = step_fn(state, batch)
+    state, step_metrics = step_fn(state, *args)
     jax.block_until_ready(state)
     self.step_seconds = time.monotonic() - start
     return state, step_metrics

@@ -1,7 +1,7 @@
 """train_and_evaluate(config, workdir): the one entry point for training, resuming and evaluating.
 
 Functional core: the model is split once into (graphdef, params, batch_stats); a pure jitted
-`train_step(state, batch) -> (state, metrics)` with the state donated runs over one device mesh
+`train_step(state, batch, lr) -> (state, metrics)` with the state donated runs over one device mesh
 (parallel.py). BN mode `global` is plain SPMD (statistics over the global batch); `per_device`
 runs the forward/backward under `jax.shard_map` so each device normalises with its own batch
 statistics, as the paper's per-GPU BN, then averages gradients and running statistics.
@@ -107,7 +107,9 @@ def _platform(mesh) -> str:
   return mesh.devices.flat[0].platform
 
 
-def make_train_step(graphdef, tx, config, mesh):
+def make_train_step(graphdef, config, mesh):
+  """The jitted `train_step(state, batch, lr)`: lr is this step's learning rate (a float32
+  scalar replicated on the mesh: `step_lr`), so the schedule is not compiled into the step."""
   grad_fn = jax.value_and_grad(_loss_fn(graphdef, config), has_aux=True)
 
   def per_device_grads(params, batch_stats, images, labels):
@@ -115,7 +117,7 @@ def make_train_step(graphdef, tx, config, mesh):
     mean = lambda tree: jax.lax.pmean(tree, parallel.DATA_AXIS)
     return mean(loss), logits, mean(stats), mean(grads)
 
-  def train_step(state, batch):
+  def train_step(state, batch, lr):
     images, labels = pipeline.model_input(batch["image"], config), batch["label"]
     if config.bn_mode == "global":
       (loss, (logits, stats)), grads = grad_fn(state["params"], state["batch_stats"], images,
@@ -125,6 +127,7 @@ def make_train_step(graphdef, tx, config, mesh):
       loss, logits, stats, grads = jax.shard_map(
           per_device_grads, mesh=mesh, in_specs=(P(), P(), data, data),
           out_specs=(P(), data, P(), P()))(state["params"], state["batch_stats"], images, labels)
+    tx = optim.optimizer_at(config, lr)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats,
@@ -138,6 +141,12 @@ def make_train_step(graphdef, tx, config, mesh):
   replicated = parallel.replicated(mesh)
   return jax.jit(train_step, donate_argnums=0, out_shardings=replicated,
                  compiler_options=parallel.compiler_options(_platform(mesh)))
+
+
+def step_lr(schedule, step: int, mesh) -> jax.Array:
+  """Step `step`'s learning rate (the schedule at the updates done before it, as optax counts)
+  as the train step's replicated lr argument."""
+  return parallel.replicate(np.float32(jax.device_get(schedule(step - 1))), mesh)
 
 
 def make_eval_step(graphdef, config, mesh):
@@ -275,19 +284,19 @@ def _prepare_run(config, workdir: Path, mesh, dataset, per_process_batch: int,
   else:  # initialise only when there is nothing to resume
     first_step = 0
     graphdef, state = create_train_state(config, mesh, tx)
-  return dict(graphdef=graphdef, state=state, tx=tx, schedule=schedule, iterator=iterator,
+  return dict(graphdef=graphdef, state=state, schedule=schedule, iterator=iterator,
               first_step=first_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
 
 def _train(config, workdir: Path, mesh, dataset, checkpointer, writer, stop, *, graphdef, state,
-           tx, schedule, iterator, first_step: int, total_steps: int,
+           schedule, iterator, first_step: int, total_steps: int,
            steps_per_epoch: int) -> dict:
   chief = parallel.is_chief()
   eval_every = config.eval_every_steps or steps_per_epoch
-  schedule = jax.jit(schedule)  # logged every log_every_steps: one program, not one per op
+  schedule = jax.jit(schedule)  # every step's lr: one program, not one per op
   if chief and first_step < total_steps:  # training on (e.g. more epochs): not finished now
     (workdir / workdir_files.RESULT_FILE).unlink(missing_ok=True)
-  train_step = parallel.CompiledTogether(make_train_step(graphdef, tx, config, mesh), "train")
+  train_step = parallel.CompiledTogether(make_train_step(graphdef, config, mesh), "train")
   eval_step = parallel.CompiledTogether(make_eval_step(graphdef, config, mesh), "eval")
   if chief:
     print(f"Training {config.model} for {total_steps} steps ({steps_per_epoch} per epoch), "
@@ -303,12 +312,13 @@ def _train(config, workdir: Path, mesh, dataset, checkpointer, writer, stop, *, 
     for step in range(first_step + 1, total_steps + 1):
       with times.waiting_for_data():
         batch = parallel.global_batch(next(iterator), mesh)
+      lr = step_lr(schedule, step, mesh)
       profiler.before_step(step)
       log_step = step % config.log_every_steps == 0 or step == total_steps
       if log_step and step > first_step + 1:  # the run's first step compiles: not timed
-        state, step_metrics = times.timed_step(train_step, state, batch)
+        state, step_metrics = times.timed_step(train_step, state, batch, lr)
       else:
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, lr)
       profiler.after_step(step, state)
       window.append(step_metrics)
       if previous is not None:  # one step behind, so the host never stalls the device queue

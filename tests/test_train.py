@@ -4,6 +4,7 @@ import shutil
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,10 +22,16 @@ def _random_batch(batch_size: int, seed: int = 0, size: int = 28):
 
 
 def _setup(config, devices=None):
+  """(mesh, step, graphdef, state): `step(state, batch)` runs the train step with the lr that
+  training passes it (the schedule at the state's step)."""
   mesh = parallel.make_mesh(devices)
-  tx, _ = optim.make_optimizer(config, 100)
+  tx, schedule = optim.make_optimizer(config, 100)
   graphdef, state = train.create_train_state(config, mesh, tx)
-  return mesh, tx, graphdef, state
+  jitted = train.make_train_step(graphdef, config, mesh)
+
+  def step(state, batch):
+    return jitted(state, batch, train.step_lr(schedule, int(state["step"]) + 1, mesh))
+  return mesh, step, graphdef, state
 
 
 def _leaves(tree):
@@ -39,8 +46,7 @@ def test_mesh_spans_all_eight_fake_devices():
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
-  mesh, tx, graphdef, state = _setup(tiny_config)
-  step = train.make_train_step(graphdef, tx, tiny_config, mesh)
+  mesh, step, graphdef, state = _setup(tiny_config)
   batch = parallel.global_batch(_random_batch(16), mesh)
   losses = []
   for _ in range(8):
@@ -50,10 +56,29 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
   assert int(state["step"]) == 8
 
 
+def test_the_train_step_is_one_program_for_every_schedule_and_takes_its_lr(tiny_config):
+  """The lr is an argument: runs that differ in lr, schedule, warmup or length compile (and
+  cache) one train step; with lr 0 a step moves no parameter, with the schedule's lr it does."""
+  mesh, step, graphdef, state = _setup(tiny_config)
+  batch = parallel.global_batch(_random_batch(16), mesh)
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=parallel.replicated(mesh))
+  texts = []
+  for changes in ({}, dict(lr=0.3, lr_schedule="cosine", warmup_steps=5, total_steps=999)):
+    config = ml_collections.ConfigDict(tiny_config.to_dict())
+    config.update(changes)
+    texts.append(train.make_train_step(graphdef, config, mesh).lower(state, batch, lr).as_text())
+  assert texts[0] == texts[1]
+  before = _leaves(state["params"])
+  frozen, _ = train.make_train_step(graphdef, tiny_config, mesh)(
+      jax.tree.map(jnp.copy, state), batch, parallel.replicate(np.float32(0), mesh))
+  assert all(np.array_equal(a, b) for a, b in zip(before, _leaves(frozen["params"])))
+  moved, _ = step(state, batch)
+  assert not all(np.array_equal(a, b) for a, b in zip(before, _leaves(moved["params"])))
+
+
 def _one_step_stats(config, devices, *batches):
   """(state, loss) after one train step from the initial state, for each batch (one compile)."""
-  mesh, tx, graphdef, initial = _setup(config, devices)
-  step = train.make_train_step(graphdef, tx, config, mesh)
+  mesh, step, graphdef, initial = _setup(config, devices)
   results = []
   for batch in batches:
     state = jax.tree.map(jnp.copy, initial)  # the step donates its input
@@ -174,8 +199,7 @@ def test_resume_refuses_a_different_config(tiny_config, tmp_path):
 
 
 def test_checkpoint_saved_on_8_devices_restores_on_4(tiny_config, tmp_path):
-  mesh8, tx, graphdef, state = _setup(tiny_config)
-  step = train.make_train_step(graphdef, tx, tiny_config, mesh8)
+  mesh8, step, graphdef, state = _setup(tiny_config)
   state, _ = step(state, parallel.global_batch(_random_batch(16), mesh8))
   expected = _leaves(state)
   ckpt = checkpointing.Checkpointer(str(tmp_path))
@@ -251,8 +275,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_config):
     assert logits[dtype].dtype == jnp.float32
   difference = np.abs(np.asarray(logits["bfloat16"]) - np.asarray(logits["float32"]))
   assert 0 < difference.max() < 0.05  # bfloat16 rounding, not another function
-  mesh, tx, graphdef, state = _setup(tiny_config)
-  step = train.make_train_step(graphdef, tx, tiny_config, mesh)
+  mesh, step, graphdef, state = _setup(tiny_config)
   state, m = step(state, parallel.global_batch(_random_batch(16), mesh))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["batch_stats"]))
