@@ -6,6 +6,8 @@ Commands:
   summary  per-layer table (output size, channels, MFLOPs, params); --json adds a JSON last line
   train    train_and_evaluate(config, workdir), resuming from the workdir if it holds a run
   eval     evaluate the latest checkpoint in --workdir and print top-1/top-5
+  recalibrate  BN statistics of the latest checkpoint recomputed over --steps training batches
+           with the weights frozen, into a new workdir (--output, default WORKDIR/recalibrated)
   sweep    expand --experiment=experiments/FILE.py[:args] into runs under --root; print their
            commands (--dry_run), run them here (--local), or on a TPU VM (--tpu, --zone)
   report   the experiment's paper table with our results beside the paper's (Markdown, CSV, PNG)
@@ -17,8 +19,8 @@ Commands:
            memory per device vs HBM, FLOPs and bytes per step, estimated step time; run it
            before every pod launch (`sweep --plan --topology=...` does it for a whole sweep)
 
-sweep and report pass `--config.KEY=VALUE` overrides through to every run. eval, predict and
-export read the workdir's config.json when --config is not given.
+sweep and report pass `--config.KEY=VALUE` overrides through to every run. eval, recalibrate,
+predict and export read the workdir's config.json when --config is not given.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from ml_collections import config_flags
 
 from shufflenet_jax import config_files
 
-COMMANDS = ("summary", "train", "eval", "sweep", "report", "compile", "import", "predict",
-            "export")
+COMMANDS = ("summary", "train", "eval", "recalibrate", "sweep", "report", "compile", "import",
+            "predict", "export")
 SWEEP_COMMANDS = ("sweep", "report")
 
 FLAGS = flags.FLAGS
@@ -66,7 +68,9 @@ flags.DEFINE_bool("plan", False, "sweep: estimated step time, wall time and chip
 flags.DEFINE_string("topology", None, "compile, sweep --plan: TPU slice, e.g. v5e:16x16, v4:4x4x4.")
 flags.DEFINE_integer("num_slices", 1, "compile, sweep --plan: slices joined over DCN.")
 flags.DEFINE_string("output", None, "report: output path without suffix (default ROOT/report); "
-                    "export: the artifact's path (default WORKDIR/export/...).")
+                    "export: the artifact's path (default WORKDIR/export/...); recalibrate: the "
+                    "new workdir (default WORKDIR/recalibrated).")
+flags.DEFINE_integer("steps", 100, "recalibrate: training batches the BN statistics average.")
 flags.DEFINE_enum("from", "torchvision", ["torchvision", "megvii_v1", "megvii_v2"],
                   "import: where the weights come from (torchvision ShuffleNetV2, or the official "
                   "Megvii ShuffleNet-Series V1/V2 checkpoints).")
@@ -76,7 +80,7 @@ flags.DEFINE_string("format", "stablehlo", "export: stablehlo | tflite (TensorFl
 # `--config.KEY=VALUE` given to sweep/report: passed through to every run's command line.
 PASSTHROUGH: list[str] = []
 # Commands whose every process joins the job's cluster (sweep --local passes the flags on).
-CLUSTER_COMMANDS = ("train", "eval")
+CLUSTER_COMMANDS = ("train", "eval", "recalibrate")
 CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id",
                  "heartbeat_timeout_seconds", "initialization_timeout_seconds")
 
@@ -258,6 +262,13 @@ def main(argv: list[str]) -> None:
   if command == "eval" and FLAGS.config is None and FLAGS.workdir:
     from shufflenet_jax import train
     train.evaluate_checkpoint(_config_or_workdir_config(), FLAGS.workdir)
+    return
+  if command == "recalibrate":
+    from shufflenet_jax import recalibration
+    if FLAGS.workdir is None:
+      raise app.UsageError("recalibrate needs --workdir")
+    recalibration.recalibrate(_config_or_workdir_config(), FLAGS.workdir, FLAGS.steps,
+                              FLAGS.output)
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/default.py")

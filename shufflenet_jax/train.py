@@ -38,7 +38,7 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   config_check.validate(config)
   build_model(config, abstract=True)  # unknown model or bad model arguments: fail before any work
 
@@ -91,7 +91,9 @@ def restore_train_state(config, workdir: str, mesh, iterator=None):
   return None if restored is None else (restored[0], graphdef, restored[1])
 
 
-def _loss_fn(graphdef, config):
+def loss_fn(graphdef, config):
+  """The train-mode loss: (params, batch_stats, images, labels) -> (loss, (logits, new batch
+  statistics))."""
   def loss_fn(params, batch_stats, images, labels):
     # copy=True: fresh Variables at this trace level, so BN can update its statistics.
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -110,7 +112,7 @@ def _platform(mesh) -> str:
 def make_train_step(graphdef, config, mesh):
   """The jitted `train_step(state, batch, lr)`: lr is this step's learning rate (a float32
   scalar replicated on the mesh: `step_lr`), so the schedule is not compiled into the step."""
-  grad_fn = jax.value_and_grad(_loss_fn(graphdef, config), has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn(graphdef, config), has_aux=True)
 
   def per_device_grads(params, batch_stats, images, labels):
     (loss, (logits, stats)), grads = grad_fn(params, batch_stats, images, labels)
@@ -236,7 +238,7 @@ class _PreemptionFlag:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds this run), evaluates, returns final metrics."""
-  _check_config(config)
+  check_config(config)
   workdir = Path(workdir).expanduser()
   mesh = parallel.make_mesh()
   per_process_batch = parallel.check_batch_size(config.batch_size, mesh)
@@ -382,7 +384,7 @@ def _check_finite(step_metrics, step: int, checkpointer) -> None:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the latest checkpoint in `workdir` on the whole eval split and prints it."""
-  _check_config(config)
+  check_config(config)
   mesh = parallel.make_mesh()
   restored = restore_train_state(config, workdir, mesh)
   if restored is None:

@@ -1,0 +1,106 @@
+"""`launch.py recalibrate`: BN statistics over N training batches with frozen weights, checked
+against a direct float64 computation of every BN layer's batch statistics."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from shufflenet_jax import parallel, train
+from shufflenet_jax import workdir as workdir_files
+from shufflenet_jax.data import pipeline
+from tests import processes
+
+
+def _files_digest(directory: Path) -> dict[str, str]:
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+  """{"['stages'][0][0]['compress']['bn']['mean']": array, ...} (nnx.State's `.value` dropped)."""
+  return {jax.tree_util.keystr(path).removesuffix(".value"): np.asarray(leaf)
+          for path, leaf in jax.tree.leaves_with_path(jax.device_get(tree))}
+
+
+def _direct_statistics(config, params, batches) -> dict[str, np.ndarray]:
+  """Every BatchNorm's input recorded in a train-mode forward (XLA's convs, NHWC), its per-channel
+  mean and biased variance taken in float64, averaged over the batches."""
+  direct_config = ml_collections.ConfigDict(config.to_dict())
+  direct_config.conv_impl = "xla"
+  model = train.build_model(direct_config)
+  nnx.update(model, params)
+  names = {id(m): path for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
+  inputs: dict[tuple, list] = {path: [] for path in names.values()}
+  original = nnx.BatchNorm.__call__
+
+  def recording(self, x, *args, **kwargs):
+    inputs[names[id(self)]].append(np.asarray(x, np.float64))
+    return original(self, x, *args, **kwargs)
+
+  nnx.BatchNorm.__call__ = recording
+  try:
+    for batch in batches:
+      model(pipeline.model_input(batch["image"], config), train=True)
+  finally:
+    nnx.BatchNorm.__call__ = original
+  stats = {}
+  for path, xs in inputs.items():
+    assert len(xs) == len(batches), path
+    means = [x.mean(axis=(0, 1, 2)) for x in xs]
+    variances = [x.var(axis=(0, 1, 2)) for x in xs]
+    stats[path] = (np.mean(means, axis=0), np.mean(variances, axis=0))
+  return stats
+
+
+def test_recalibrate_averages_the_batch_statistics_of_n_batches_into_a_new_workdir(tiny_config,
+                                                                                   tmp_path):
+  run = tmp_path / "run"
+  tiny_config.num_workers = 0
+  train.train_and_evaluate(tiny_config, str(run))
+  before = _files_digest(run)
+
+  result = processes.run([sys.executable, "launch.py", "recalibrate", f"--workdir={run}",
+                          "--steps=3"], timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  output = run / "recalibrated"
+  assert "Recalibrating the BN statistics of step 6 over 3 batches of 16" in result.stdout
+  assert f"Recalibrated step 6 into {output}: top-1" in result.stdout
+  assert "(before: top-1" in result.stdout
+  after = {k: v for k, v in _files_digest(run).items() if not k.startswith("recalibrated/")}
+  assert after == before  # the run's own files are only read
+  assert workdir_files.read_result(output)["step"] == 6
+
+  mesh = parallel.make_mesh()
+  config = workdir_files.load_config(output)
+  step, _, old = train.restore_train_state(config, str(run), mesh)
+  new_step, _, new = train.restore_train_state(config, str(output), mesh)
+  assert step == new_step == 6
+  for key, value in _flat(old["params"]).items():  # the weights are frozen
+    np.testing.assert_array_equal(_flat(new["params"])[key], value)
+
+  dataset = pipeline.load_dataset(config)
+  iterator = iter(pipeline.train_loader(config, dataset, config.batch_size, config.seed))
+  batches = [next(iterator) for _ in range(3)]
+  direct = _direct_statistics(config, old["params"], batches)
+  recalibrated = _flat(new["batch_stats"])
+  old_stats = _flat(old["batch_stats"])
+  assert len(recalibrated) == 2 * len(direct)
+  changed = 0
+  for path, (mean, var) in direct.items():
+    key = "".join(f"[{k!r}]" for k in path)
+    got_mean, got_var = recalibrated[f"{key}['mean']"], recalibrated[f"{key}['var']"]
+    scale = max(1.0, float(np.abs(var).max()))
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+    np.testing.assert_allclose(got_var, var, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+    changed += not np.allclose(old_stats[f"{key}['var']"], got_var)
+  assert changed == len(direct)  # training's momentum average is not what recalibration gives
+
+  again = processes.run([sys.executable, "launch.py", "recalibrate", f"--workdir={run}"])
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines()[-1] == (
+      f"error: {output} already holds checkpoints; recalibrate into a new --output")
