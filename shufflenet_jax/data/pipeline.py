@@ -213,9 +213,7 @@ def augment_batch(config, images: list, positions: np.ndarray, seed: int) -> np.
 class _Augment(grain.transforms.Map):
   """Per batch, in grain's workers: a batch's images decoded and augmented (augment_batch)."""
 
-  def __init__(self, config, seed: int):
-    if config.augment not in AUGMENTS:
-      raise ValueError(f"augment={config.augment!r} is not one of {AUGMENTS}")
+  def __init__(self, config, seed: int):  # augment_batch checks config.augment
     self.config, self.seed = config, seed
 
   def map(self, batch):
