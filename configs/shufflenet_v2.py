@@ -1,6 +1,7 @@
 """ShuffleNet v2 (torchvision layout) on ImageNet with the paper's recipe (or `recipe=official`).
 
-Args: scale=0.5|1.0|1.5|2.0, recipe=paper|official, bn_mode=global|per_device,
+Args: scale=0.5|1.0|1.5|2.0, se=false (squeeze-and-excitation in every unit: the paper's "2x with
+SE" row is scale=2.0,se=true,recipe=official), recipe=paper|official, bn_mode=global|per_device,
 proxy=false (Fashion-MNIST, minutes on a CPU: configs/common.py), smoke=false.
 
 One machine:
@@ -17,12 +18,14 @@ from shufflenet_jax.models import shufflenet_v2
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, scale=1.0, **common.RUN_ARGS)
+  args = common.parse_arg(arg, scale=1.0, se=False, **common.RUN_ARGS)
   common.check_choice("scale", args.scale, shufflenet_v2.SCALES)
   c = common.base_config()
   common.imagenet_recipe(c, args.recipe, args.scale)
   c.model = "shufflenet_v2"
   c.model_kwargs = dict(scale=args.scale, stem="imagenet")
+  if args.se:
+    c.model_kwargs.se = True
   if args.recipe == "official":  # the official code's layout (loads its checkpoints)
     c.model_kwargs.layout = "official"
   common.finish(c, args)

@@ -1,7 +1,7 @@
 import jax
 import pytest
 
-from shufflenet_jax import complexity
+from shufflenet_jax import complexity, summary
 from shufflenet_jax.models import get_model
 from shufflenet_jax.models.layers import conv2d
 
@@ -27,6 +27,32 @@ def test_v1_official_lists_complexity(groups, scale, official):
                                             (2.0, 583.3)])
 def test_v2_complexity(scale, expected):
   assert _mflops("shufflenet_v2", scale=scale) == pytest.approx(expected, abs=0.05)
+
+
+def test_se_models_reach_the_papers_complexity_within_2_percent():
+  """V1 paper Table 5 (2x g=3 with SE: 527M) and V2 paper Table 8 (2x with SE: 597M); the SE
+  layers' own MACs are those of their two layers (hand formula)."""
+  v1 = _mflops("shufflenet_v1", groups=3, scale=2.0, se=True)
+  v2 = _mflops("shufflenet_v2", scale=2.0, layout="official", se=True)
+  assert v1 == pytest.approx(527, rel=0.02) and v2 == pytest.approx(597, rel=0.02)
+  # SENet's block, reduction 16: 2 * C * C/16 per unit on the branch's C output channels.
+  branch = [480 - 48] + [480] * 3 + [960 - 480] + [960] * 7 + [1920 - 960] + [1920] * 3
+  se_macs = sum(2 * c * (c // 16) for c in branch)
+  assert v1 * 1e6 - _mflops("shufflenet_v1", groups=3, scale=2.0) * 1e6 == pytest.approx(se_macs)
+  # Megvii's SELayer, reduction 4, on the main branch (official layout: stride-2 units make
+  # out - in channels there, stride-1 units out / 2).
+  main = [244 - 24] + [122] * 3 + [488 - 244] + [244] * 7 + [976 - 488] + [488] * 3
+  se_macs = sum(2 * c * (c // 4) for c in main)
+  plain = _mflops("shufflenet_v2", scale=2.0, layout="official")
+  assert v2 * 1e6 - plain * 1e6 == pytest.approx(se_macs)
+  # The config args the README gives for these rows build these models.
+  from configs import common
+  for spec, expected in (("configs/shufflenet_v1.py:groups=3,scale=2.0,se=true", v1),
+                         ("configs/shufflenet_v2.py:scale=2.0,se=true,recipe=official", v2)):
+    model = summary.abstract_model(common.load_config(spec))
+    assert complexity.model_macs(model) / 1e6 == pytest.approx(expected)
+  with pytest.raises(ValueError, match=r"se_style='x' is not one of \('senet', 'official'\)"):
+    get_model("shufflenet_v2", se=True, se_style="x", abstract=True)
 
 
 def test_counting_matches_hand_formula_for_one_conv():

@@ -66,10 +66,14 @@ WHOLE_MODELS = [  # every kind of unit, stem, layout and shuffle once: compiling
     ("shufflenet_v1", dict(groups=3, scale=0.5)),  # the full depth (every unit of every stage)
     ("shufflenet_v1", dict(groups=8, scale=0.25, stem="imagenet", shallow=True)),  # max pool
     ("shufflenet_v1", dict(groups=2, scale=0.5, shuffle=False, shallow=True)),
-    ("shufflenet_v1", dict(groups=4, scale=0.5, shuffle_order="official", shallow=True)),
+    # with SE (SENet's block), which runs group-major under matmul too
+    ("shufflenet_v1", dict(groups=4, scale=0.5, shuffle_order="official", shallow=True, se=True)),
     ("shufflenet_v1", dict(groups=1, scale=0.25, shallow=True)),
     ("shufflenet_v2", dict(scale=0.5)),
-    ("shufflenet_v2", dict(scale=0.5, stem="imagenet", layout="official")),
+    # SE with SENet's block: Megvii's SELayer normalises N values a channel, which at batch 4
+    # leaves float32 3e-4 from float64 in either implementation (test_squeeze_excite_... below)
+    ("shufflenet_v2", dict(scale=0.5, stem="imagenet", layout="official", se=True,
+                           se_style="senet")),
     ("table4_baseline", dict(unit="vgg", width=16)),
     ("table4_baseline", dict(unit="resnet", width=32)),
     ("table4_baseline", dict(unit="resnext", width=32)),
@@ -113,6 +117,36 @@ def test_whole_models_against_float64_and_across_implementations(name, kwargs):
   for a, b in zip(jax.tree.leaves(xla["stats"]), jax.tree.leaves(matmul["stats"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(xla["logits"], matmul["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("style", layers.SE_STYLES)
+def test_squeeze_excite_against_float64_in_both_layouts_and_implementations(style):
+  """Both SE styles in train mode (batch 16: the official SELayer's BN sees 16 values a
+  channel), NHWC under both conv implementations and group-major (V1's matmul stages): output,
+  input and parameter gradients against the XLA formulation in float64."""
+  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 48))
+  cotangent = jax.random.normal(jax.random.key(1), x.shape)
+
+  def run(impl, grouped, x, dtype=jnp.float32):
+    se = layers.SqueezeExcite(48, style=style, conv_impl=impl, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(se, nnx.Param, ...)
+    params = jax.tree.map(lambda p: p.astype(dtype) + 0.1, params)  # non-zero biases too
+    rest = jax.tree.map(lambda r: r.astype(dtype), rest)
+
+    def forward(params, x):
+      module = nnx.merge(graphdef, params, rest, copy=True)
+      if grouped:
+        return matmul.from_groups(module.grouped(matmul.to_groups(x, 4), train=True))
+      return module(x, train=True)
+    y, vjp = jax.vjp(forward, params, x)
+    return y, *vjp(cotangent.astype(dtype))
+
+  with jax.enable_x64(True):
+    truth = jax.device_get(run("xla", False, x.astype(jnp.float64), jnp.float64))
+  for impl, grouped in (("xla", False), ("matmul", False), ("matmul", True)):
+    got = jax.jit(run, static_argnums=(0, 1))(impl, grouped, x)
+    errors = f64.tree_error(got, truth)
+    assert max(errors.values()) <= 1e-5, (impl, grouped, errors)
 
 
 def test_group_major_v1_in_bfloat16_agrees_with_xla():

@@ -222,6 +222,50 @@ class Dense(nnx.Module):
 
 
 
+SE_STYLES = ("senet", "official")
+
+
+class SqueezeExcite(nnx.Module):
+  """Squeeze-and-excitation: x * gate(expand(relu(reduce(mean over H, W of x)))).
+
+  `senet` is Hu et al.'s block, which the V1 paper cites for its "with SE" row: reduction 16,
+  fully connected layers with biases, a sigmoid gate. `official` is the SELayer of Megvii's
+  ShuffleNetV2+ and ShuffleNetV2.Large: reduction 4, bias-free 1x1 convs with a BN after the
+  first, a hard-sigmoid gate (relu6(x + 3) / 6). Both count their two layers' MACs.
+  """
+
+  def __init__(self, channels: int, *, style: str = "senet", conv_impl: str = "auto", dtype=None,
+               rngs: nnx.Rngs):
+    if style not in SE_STYLES:
+      raise ValueError(f"se_style={style!r} is not one of {SE_STYLES}")
+    self.style = style
+    official = style == "official"
+    hidden = max(1, channels // (4 if official else 16))
+    common = dict(use_bias=not official, conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+    self.reduce = Conv(channels, hidden, 1, **common)
+    self.bn = batch_norm(hidden, dtype=dtype, rngs=rngs) if official else None
+    self.expand = Conv(hidden, channels, 1, **common)
+
+  def gate(self, pooled: jax.Array, train: bool) -> jax.Array:
+    """The per-channel gate [N, 1, 1, C] of the spatial means `pooled` [N, 1, 1, C]."""
+    h = self.reduce(pooled)
+    if self.bn is not None:
+      h = self.bn(h, use_running_average=not train)
+    h = self.expand(jax.nn.relu(h))
+    return jax.nn.relu6(h + 3.0) / 6.0 if self.style == "official" else jax.nn.sigmoid(h)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    gate = self.gate(jnp.mean(x, axis=(1, 2), keepdims=True), train)
+    return x * gate.astype(x.dtype)
+
+  def grouped(self, xg: jax.Array, train: bool) -> jax.Array:
+    """`__call__` on group-major activations [g, N, H, W, C/g]: only the pooled vector and
+    the gate change layout (tiny), the activations stay in place."""
+    pooled = matmul.from_groups(jnp.mean(xg, axis=(2, 3), keepdims=True))
+    gate = matmul.to_groups(self.gate(pooled, train), xg.shape[0])
+    return xg * gate.astype(xg.dtype)
+
+
 def sequential(modules):
   """fn(x, train) that applies `modules` (each called as m(x, train)) in order."""
   def apply(x, train):

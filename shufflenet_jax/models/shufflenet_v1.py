@@ -21,6 +21,7 @@ from shufflenet_jax.models.layers import (
     SHUFFLE_ORDERS,
     ConvBN,
     Dense,
+    SqueezeExcite,
     apply_layers,
     avg_pool,
     channel_shuffle,
@@ -76,7 +77,7 @@ class ShuffleV1Unit(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, stride: int, groups: int,
                dense_first: bool, shuffle: bool, shuffle_order: str, conv_impl: str,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, se_style: str | None = None):
     if stride == 1 and in_features != out_features:
       raise ValueError(f"stride-1 unit needs in == out channels, got {in_features}->{out_features}")
     bottleneck = out_features // 4  # out//4 in every unit, stride-2 ones included (see facts)
@@ -87,6 +88,8 @@ class ShuffleV1Unit(nnx.Module):
     self.depthwise = ConvBN(bottleneck, bottleneck, 3, stride=stride, groups=bottleneck,
                             relu=False, **common)
     self.expand = ConvBN(bottleneck, branch_out, 1, groups=groups, relu=False, **common)
+    # SE on the residual branch, before the add or concat (where SENet puts it in a ResNet unit).
+    self.se = None if se_style is None else SqueezeExcite(branch_out, style=se_style, **common)
     self.stride = stride
     self.groups = groups
     self.shuffle = shuffle and groups > 1
@@ -100,7 +103,8 @@ class ShuffleV1Unit(nnx.Module):
     y = self.depthwise(y, train)
     if self.shuffle and self.shuffle_order == "official":  # Megvii: after the DW conv, inverse
       y = channel_unshuffle(y, self.groups)
-    return self._merge(x, self.expand(y, train))
+    y = self.expand(y, train)
+    return self._merge(x, y if self.se is None else self.se(y, train))
 
   def _merge(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """ReLU of the residual add (stride 1, any layout) or of [avg-pooled x, y] (stride 2, NHWC)."""
@@ -126,6 +130,8 @@ class ShuffleV1Unit(nnx.Module):
     if self.shuffle and self.shuffle_order == "official":
       y = regroup(y, lambda t: channel_unshuffle(t, g))
     y = self.expand.grouped(y, train)
+    if self.se is not None:
+      y = self.se.grouped(y, train)
     if self.stride == 1:
       return self._merge(x, y)
     return to_groups(self._merge(x, from_groups(y)), g)
@@ -144,12 +150,18 @@ def _group_major_stage(units):
 
 
 class ShuffleNetV1(nnx.Module):
-  """Conv1 -> MaxPool -> Stage2/3/4 -> global pool -> FC; `stem='small'` for 28-64 px inputs."""
+  """Conv1 -> MaxPool -> Stage2/3/4 -> global pool -> FC; `stem='small'` for 28-64 px inputs.
+
+  `se=True`: the V1 paper's "with SE" models (Table 5: 2x g=3, 527 MFLOPs): a squeeze-and-
+  excitation block on every unit's residual branch before the add/concat. The paper cites SENet
+  and gives no details; SENet's block (`se_style='senet'`: reduction 16, sigmoid) reproduces its
+  527 MFLOPs exactly (layers.SqueezeExcite; `official` is Megvii's V2+ SELayer)."""
 
   def __init__(self, *, groups: int = 3, scale: float = 1.0, shuffle: bool = True,
                shallow: bool = False, stem: str = "imagenet", num_classes: int = 1000,
                in_channels: int = 3, shuffle_order: str = "paper", fc_bias: bool = True,
-               conv_impl: str = "auto", dtype=None, rngs: nnx.Rngs):
+               se: bool = False, se_style: str = "senet", conv_impl: str = "auto", dtype=None,
+               rngs: nnx.Rngs):
     if stem not in STEMS:
       raise ValueError(f"stem={stem!r} is not one of {STEMS}")
     if shuffle_order not in SHUFFLE_ORDERS:
@@ -169,7 +181,7 @@ class ShuffleNetV1(nnx.Module):
         units.append(ShuffleV1Unit(
             in_features, width, stride=2 if first else 1, groups=groups,
             dense_first=first and stage_index == 0, shuffle=shuffle,
-            shuffle_order=shuffle_order, **common))
+            shuffle_order=shuffle_order, se_style=se_style if se else None, **common))
         in_features = width
       stages.append(nnx.List(units))
     self.stages = nnx.List(stages)

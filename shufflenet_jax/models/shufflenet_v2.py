@@ -19,6 +19,7 @@ from flax import nnx
 from shufflenet_jax.models.layers import (
     ConvBN,
     Dense,
+    SqueezeExcite,
     apply_layers,
     channel_shuffle,
     pool_and_classify,
@@ -43,7 +44,7 @@ class ShuffleV2Unit(nnx.Module):
   """torchvision's InvertedResidual: chunk halves (stride 1) or two branches (stride 2), shuffle."""
 
   def __init__(self, in_features: int, out_features: int, *, stride: int, conv_impl: str,
-               dtype, rngs: nnx.Rngs, layout: str = "torchvision"):
+               dtype, rngs: nnx.Rngs, layout: str = "torchvision", se_style: str | None = None):
     branch = out_features // 2
     if stride == 1 and in_features != 2 * branch:
       raise ValueError(f"stride-1 unit needs in == out channels, got {in_features}->{out_features}")
@@ -67,6 +68,12 @@ class ShuffleV2Unit(nnx.Module):
         ConvBN(branch, branch, 3, stride=stride, groups=branch, relu=False, **common),
         ConvBN(branch, main_out, 1, **common),
     ])
+    # SE on the main branch's output, before the concat (Megvii's ShuffleNetV2+ / V2.Large).
+    self.se = None if se_style is None else SqueezeExcite(main_out, style=se_style, **common)
+
+  def _main(self, x: jax.Array, train: bool) -> jax.Array:
+    y = sequential(self.branch2)(x, train)
+    return y if self.se is None else self.se(y, train)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     official = self.layout == "official"
@@ -75,19 +82,26 @@ class ShuffleV2Unit(nnx.Module):
         x1, x2 = x[..., 0::2], x[..., 1::2]
       else:
         x1, x2 = jnp.split(x, 2, axis=-1)
-      out = jnp.concatenate([x1, sequential(self.branch2)(x2, train)], axis=-1)
+      out = jnp.concatenate([x1, self._main(x2, train)], axis=-1)
     else:
       out = jnp.concatenate([sequential(self.branch1)(x, train),
-                             sequential(self.branch2)(x, train)], axis=-1)
+                             self._main(x, train)], axis=-1)
     return out if official else channel_shuffle(out, 2)
 
 
 class ShuffleNetV2(nnx.Module):
-  """Conv1 -> MaxPool -> Stage2/3/4 -> Conv5 -> global pool -> FC (with bias)."""
+  """Conv1 -> MaxPool -> Stage2/3/4 -> Conv5 -> global pool -> FC (with bias).
+
+  `se=True`: the V2 paper's "with SE" models (Table 8: 2x, 597 MFLOPs): a squeeze-and-excitation
+  block on every unit's main branch before the concat, as Megvii's own SE models (V2+, V2.Large)
+  place it, with their SELayer by default (`se_style='official'`: reduction 4, BN, hard
+  sigmoid). The paper gives no details; counted, 2x official comes to 591.5M (its SE layers' MACs are
+  small; the paper's 597M may count the pooling and the gating products too)."""
 
   def __init__(self, *, scale: float = 1.0, stem: str = "imagenet", num_classes: int = 1000,
-               in_channels: int = 3, layout: str = "torchvision", conv_impl: str = "auto",
-               dtype=None, rngs: nnx.Rngs):
+               in_channels: int = 3, layout: str = "torchvision", se: bool = False,
+               se_style: str = "official", conv_impl: str = "auto", dtype=None,
+               rngs: nnx.Rngs):
     if scale not in CHANNELS:
       raise ValueError(f"scale={scale!r} is not one of {SCALES} for shufflenet_v2")
     if stem not in STEMS:
@@ -106,7 +120,8 @@ class ShuffleNetV2(nnx.Module):
       units = []
       for unit_index in range(repeats):
         units.append(ShuffleV2Unit(in_features, width, stride=2 if unit_index == 0 else 1,
-                                   layout=layout, **common))
+                                   layout=layout, se_style=se_style if se else None,
+                                   **common))
         in_features = width
       stages.append(nnx.List(units))
     self.stages = nnx.List(stages)
