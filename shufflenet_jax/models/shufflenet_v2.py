@@ -95,8 +95,8 @@ class ShuffleNetV2(nnx.Module):
   `se=True`: the V2 paper's "with SE" models (Table 8: 2x, 597 MFLOPs): a squeeze-and-excitation
   block on every unit's main branch before the concat, as Megvii's own SE models (V2+, V2.Large)
   place it, with their SELayer by default (`se_style='official'`: reduction 4, BN, hard
-  sigmoid). The paper gives no details; counted, 2x official comes to 591.5M (its SE layers' MACs are
-  small; the paper's 597M may count the pooling and the gating products too)."""
+  sigmoid). The paper gives no details; counted, 2x official comes to 591.5M (its SE layers'
+  MACs are small; the paper's 597M may count the pooling and the gating products too)."""
 
   def __init__(self, *, scale: float = 1.0, stem: str = "imagenet", num_classes: int = 1000,
                in_channels: int = 3, layout: str = "torchvision", se: bool = False,
