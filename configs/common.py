@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.nesterov = False
   c.weight_decay = 4e-5            # on conv/FC kernels only
   c.label_smoothing = 0.0
+  c.ema_decay = 0.0                # > 0: an exponential moving average of the weights and BN
+                                  # statistics per step, evaluated beside them (eval_ema/*)
 
   c.seed = 0
   c.log_every_steps = 50

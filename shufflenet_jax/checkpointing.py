@@ -4,11 +4,13 @@ One checkpoint = the train state (params, BN statistics, optimizer, step) + ever
 iterator state, so a resumed run reads exactly the batches an uninterrupted run would have.
 Saves are asynchronous; Orbax writes to a temporary directory and renames it when complete, so a
 crash mid-save leaves the previous checkpoint usable. The state is restored onto whatever mesh the
-caller gives (replicated), so a run saved on 8 devices resumes on 4.
+caller gives (replicated), so a run saved on 8 devices resumes on 4, and the data position onto
+any number of processes and grain workers (pipeline.TrainIterator).
 
 A restore tells two failures apart. A *mismatch* (the checkpoint's parameter names or shapes are
-not the config's model) means the config is wrong, never the checkpoint: it raises
-CheckpointMismatchError and touches nothing. *Corruption* (unreadable bytes, missing files, a
+not the config's model, or its data iterator reads another stream) means the config is wrong,
+never the checkpoint: it raises CheckpointMismatchError (pipeline.DataStreamMismatchError) and
+touches nothing. *Corruption* (unreadable bytes, missing files, a
 missing data-iterator state) means that checkpoint cannot be resumed: a training run moves it to
 WORKDIR/unreadable_checkpoints/ and falls back to the previous one; a read-only checkpointer
 (eval, predict, export) skips it and moves nothing.
@@ -16,6 +18,7 @@ WORKDIR/unreadable_checkpoints/ and falls back to the previous one; a read-only 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -24,6 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
+
+from shufflenet_jax.data import pipeline
 
 # Replica-parallel saving splits every replicated array across its replicas, which compiles one
 # slice program per array shape before the first save (measured: 72 programs, 2.6 s on a 2-core
@@ -47,6 +52,36 @@ _register_array_handler()
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint holds another model than the config describes (the config is wrong)."""
+
+
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's handler (one process_{i}-of-{n}.json per process), restoring a run saved by
+  another number of processes too: every process reads the same step of one stream, so any
+  process's state positions this one (pipeline.TrainIterator translates it)."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    own = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      return super().restore(directory, item=item)
+    saved = sorted(Path(directory).glob("process_*-of-*.json"))
+    if not saved:
+      raise ValueError(f"{directory} holds no data-iterator state")
+    item.set_state(saved[0].read_bytes())
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+  item: object
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+  item: object
 
 
 class _IteratorSnapshot:
@@ -97,7 +132,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+                       "data": _DataHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -110,7 +145,7 @@ class Checkpointer:
     `iterator=None` (imported weights) saves the state alone."""
     items = {"state": ocp.args.StandardSave(state)}
     if iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))
+      items["data"] = _DataSave(_IteratorSnapshot(iterator))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def check_matches(self, step: int, abstract_state) -> None:
@@ -146,7 +181,7 @@ class Checkpointer:
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       has_data = (self.directory / str(candidate) / "data").is_dir()
       if iterator is not None and has_data:
-        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        items["data"] = _DataRestore(iterator)
       elif iterator is not None and candidate > 0:
         if not any_data_order:
           self._unusable(candidate, "has no data-iterator state (checkpoints/"
@@ -158,6 +193,8 @@ class Checkpointer:
               "an uninterrupted run would", flush=True)
       try:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+      except pipeline.DataStreamMismatchError:
+        raise
       except Exception as e:  # a truncated or corrupted checkpoint: set it aside, go back one
         if step is not None:
           raise

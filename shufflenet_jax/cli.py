@@ -5,7 +5,8 @@ directory, with config and experiment files given by path.
 Commands:
   summary  per-layer table (output size, channels, MFLOPs, params); --json adds a JSON last line
   train    train_and_evaluate(config, workdir), resuming from the workdir if it holds a run
-  eval     evaluate the latest checkpoint in --workdir and print top-1/top-5
+  eval     evaluate the latest checkpoint in --workdir and print top-1/top-5 (--ema: the EMA
+           of its weights, for a run trained with --config.ema_decay > 0; predict and export too)
   recalibrate  BN statistics of the latest checkpoint recomputed over --steps training batches
            with the weights frozen, into a new workdir (--output, default WORKDIR/recalibrated)
   sweep    expand --experiment=experiments/FILE.py[:args] into runs under --root; print their
@@ -76,6 +77,8 @@ flags.DEFINE_enum("from", "torchvision", ["torchvision", "megvii_v1", "megvii_v2
                   "Megvii ShuffleNet-Series V1/V2 checkpoints).")
 flags.DEFINE_string("weights", None, "import: the .pth state_dict file.")
 flags.DEFINE_string("format", "stablehlo", "export: stablehlo | tflite (TensorFlow needed).")
+flags.DEFINE_bool("ema", False, "eval, predict, export: the run's EMA weights (a run trained with "
+                  "--config.ema_decay > 0) instead of its trained weights.")
 
 # `--config.KEY=VALUE` given to sweep/report: passed through to every run's command line.
 PASSTHROUGH: list[str] = []
@@ -139,10 +142,10 @@ def _interop(command: str, images: list[str]) -> None:
   config = _config_or_workdir_config()
   if command == "predict":
     from shufflenet_jax import predict
-    predict.predict(config, FLAGS.workdir, images)
+    predict.predict(config, FLAGS.workdir, images, ema=FLAGS.ema)
   else:
     from shufflenet_jax.interop import export
-    export.export(config, FLAGS.workdir, FLAGS.format, FLAGS.output)
+    export.export(config, FLAGS.workdir, FLAGS.format, FLAGS.output, ema=FLAGS.ema)
 
 
 def _sweep_or_report(command: str) -> None:
@@ -261,7 +264,7 @@ def main(argv: list[str]) -> None:
     return
   if command == "eval" and FLAGS.config is None and FLAGS.workdir:
     from shufflenet_jax import train
-    train.evaluate_checkpoint(_config_or_workdir_config(), FLAGS.workdir)
+    train.evaluate_checkpoint(_config_or_workdir_config(), FLAGS.workdir, ema=FLAGS.ema)
     return
   if command == "recalibrate":
     from shufflenet_jax import recalibration
@@ -284,7 +287,7 @@ def main(argv: list[str]) -> None:
   if command == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, ema=FLAGS.ema)
 
 
 def _storage_error_line(error: OSError) -> str:

@@ -66,6 +66,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "ema_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1) (0: no EMA)"),
     "color_jitter": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "crop_area": (_crop_area, "(low, high) with 0 < low <= high <= 1"),
     "input_size": (lambda v: _integer(v) and v > 0, "an integer > 0"),

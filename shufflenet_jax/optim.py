@@ -1,4 +1,5 @@
-"""The optax chain from a config: L2 weight decay on kernels, SGD momentum, lr schedule."""
+"""The optax chain from a config: L2 weight decay on kernels, SGD momentum, lr schedule; and the
+exponential moving average of the weights (`ema_decay`)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def optimizer_at(config: ml_collections.ConfigDict, lr) -> optax.GradientTransfo
   runs that differ only in those (a sweep, a longer run, a resumed one) share one program.
   Same state structure as make_optimizer's (the schedule's step count is kept)."""
   return _sgd(config, lambda count: lr)
+
+
+def ema_init(params, batch_stats) -> dict:
+  """The EMA starts as a copy of the initial weights and BN statistics."""
+  return {"params": params, "batch_stats": batch_stats}
+
+
+def ema_update(ema: dict, params, batch_stats, decay: float) -> dict:
+  """ema <- decay * ema + (1 - decay) * new, after every train step, for the parameters and the
+  BN running statistics alike (torchvision's ExponentialMovingAverage with use_buffers=True,
+  timm's ModelEmaV2): the EMA weights are then evaluated with statistics that match them."""
+  new = {"params": params, "batch_stats": batch_stats}
+  return jax.tree.map(lambda e, x: e + (1.0 - decay) * (x - e), ema, new)

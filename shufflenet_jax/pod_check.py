@@ -200,9 +200,9 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
   analyses = {"train": _analysis(train.make_train_step(graphdef, config, mesh).lower(
       state, _abstract_batch(config.batch_size, config, mesh), lr), name, num_slices)}
   if include_eval:
+    eval_batch = _abstract_batch(config.eval_batch_size, config, mesh, eval_batch=True)
     analyses["eval"] = _analysis(train.make_eval_step(graphdef, config, mesh).lower(
-        state, _abstract_batch(config.eval_batch_size, config, mesh, eval_batch=True)),
-        name, num_slices)
+        train.weights(state), eval_batch), name, num_slices)
 
   macs = complexity.model_macs(summary.abstract_model(config), config.input_size,
                                config.in_channels)

@@ -35,25 +35,31 @@ def model_input(config, path: str) -> np.ndarray:
   return preprocess.normalize(image, config.input_format, mean, std)
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, nnx.Module]:
-  """(step, model in eval mode) from the newest checkpoint of `workdir`."""
+def load_model(config: ml_collections.ConfigDict, workdir: str,
+               ema: bool = False) -> tuple[int, nnx.Module]:
+  """(step, model in eval mode) from the newest checkpoint of `workdir`, with the EMA of its
+  weights when `ema`."""
+  if ema:
+    train.check_has_ema(config, workdir)
   restored = train.restore_train_state(config, workdir, parallel.make_mesh())
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}; train or "
                             "import first")
   step, graphdef, state = restored
-  return step, nnx.merge(graphdef, state["params"], state["batch_stats"])
+  weights = train.weights(state, ema)
+  return step, nnx.merge(graphdef, weights["params"], weights["batch_stats"])
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, paths: list[str],
-            top: int = 5) -> list[list[tuple[str, float]]]:
-  """Prints and returns the top classes with probabilities of every image in `paths`."""
+            top: int = 5, ema: bool = False) -> list[list[tuple[str, float]]]:
+  """Prints and returns the top classes with probabilities of every image in `paths` (with the
+  run's EMA weights when `ema`)."""
   if not paths:
     raise ValueError("predict needs image files: launch.py predict --workdir=W IMAGE...")
   missing = [p for p in paths if not Path(p).is_file()]
   if missing:
     raise FileNotFoundError(f"image file(s) not found: {missing}")
-  step, model = load_model(config, workdir)
+  step, model = load_model(config, workdir, ema)
   names = class_names(config)
   images = np.stack([model_input(config, p) for p in paths])
   forward = jax.jit(lambda x: jax.nn.softmax(model(x)),

@@ -3,8 +3,9 @@
 Every BN layer's running mean and variance become the plain average of its batch statistics over
 N training batches (PyTorch's `momentum=None` cumulative average), computed exactly as a train
 step computes them: train-mode forward, the run's bn_mode and compute dtype, its augmented
-training stream. The official code recomputes BN statistics after training; a checkpoint also
-needs it after weight averaging or an import from another dataset. The result is a new workdir
+training stream (and for the EMA of the weights too, on the same batches, when the run keeps
+one). The official code recomputes BN statistics after training; a checkpoint also needs it
+after weight averaging or an import from another dataset. The result is a new workdir
 (default WORKDIR/recalibrated): the run's config, the same weights and step, the new statistics,
 and its evaluation in result.json, which eval, predict and export read like any run. The run's
 own checkpoints are only read.
@@ -87,14 +88,19 @@ def recalibrate(config: ml_collections.ConfigDict, workdir: str, steps: int,
     print(f"Recalibrating the BN statistics of step {step} over {steps} batches of "
           f"{config.batch_size} training images", flush=True)
   progress = metrics.Progress(steps, 0, enabled=chief)
-  average = state["batch_stats"]
+  # The trained weights' statistics, and their EMA's (recalibrated on the same batches) if kept.
+  averages = {name: train.weights(state, name == "ema") for name in ("raw", "ema")
+              if name == "raw" or "ema" in state}
   for count in range(1, steps + 1):
     batch = parallel.global_batch(next(iterator), mesh)
-    average = statistics_step(state["params"], average, batch,
-                              parallel.replicate(np.float32(count), mesh))
+    for weights in averages.values():
+      weights["batch_stats"] = statistics_step(weights["params"], weights["batch_stats"], batch,
+                                               parallel.replicate(np.float32(count), mesh))
     progress.update(count)
   progress.close()
-  state = {**state, "batch_stats": average}
+  state = {**state, "batch_stats": averages["raw"]["batch_stats"]}
+  if "ema" in averages:
+    state["ema"] = averages["ema"]
 
   with workdir_files.lock(output_dir):
     checkpointer = checkpointing.Checkpointer(str(output_dir), keep=config.keep_checkpoints)
@@ -104,7 +110,7 @@ def recalibrate(config: ml_collections.ConfigDict, workdir: str, steps: int,
     finally:
       checkpointer.close()
     eval_step = parallel.CompiledTogether(train.make_eval_step(graphdef, config, mesh), "eval")
-    results = train.evaluate(eval_step, state, config, dataset, mesh)
+    results = train.evaluate_run(eval_step, state, config, dataset, mesh)
     if chief:
       workdir_files.write_result(output_dir, step, results)
   if chief:

@@ -57,9 +57,29 @@ def create_train_state(config, mesh, tx):
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
   def state(params, batch_stats):  # one program: eager tx.init compiles one per shape
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-            "opt_state": tx.init(params)}
+    return _with_ema(config, {"step": jnp.zeros((), jnp.int32), "params": params,
+                              "batch_stats": batch_stats, "opt_state": tx.init(params)})
   return graphdef, jax.jit(state, out_shardings=parallel.replicated(mesh))(params, batch_stats)
+
+
+def _with_ema(config, state: dict) -> dict:
+  """The state with its "ema" entry when the run keeps an EMA of the weights (ema_decay > 0)."""
+  if config.get("ema_decay", 0.0) > 0:
+    state["ema"] = optim.ema_init(state["params"], state["batch_stats"])
+  return state
+
+
+def weights(state: dict, ema: bool = False) -> dict:
+  """The params and BN statistics a model is evaluated with: the trained ones, or their EMA."""
+  return state["ema"] if ema else {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def check_has_ema(config, workdir) -> None:
+  """--ema on a run that kept no EMA: a clear error before anything is loaded."""
+  if not config.get("ema_decay", 0.0) > 0:
+    raise ValueError(f"--ema: the run in {workdir} keeps no EMA of its weights (ema_decay="
+                     f"{config.get('ema_decay', 0.0)}); train with --config.ema_decay=0.9998 "
+                     "(for example), or drop --ema")
 
 
 def abstract_like(state, mesh):
@@ -72,8 +92,9 @@ def abstract_train_state(config, mesh, tx):
   """(graphdef, restore target) of the train state, without initialising any parameter."""
   graphdef, params, batch_stats = nnx.split(build_model(config, abstract=True), nnx.Param,
                                             nnx.BatchStat)
-  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-           "batch_stats": batch_stats, "opt_state": jax.eval_shape(tx.init, params)}
+  state = _with_ema(config, {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                             "batch_stats": batch_stats,
+                             "opt_state": jax.eval_shape(tx.init, params)})
   return graphdef, abstract_like(state, mesh)
 
 
@@ -134,6 +155,8 @@ def make_train_step(graphdef, config, mesh):
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats,
                  "opt_state": opt_state}
+    if "ema" in state:
+      new_state["ema"] = optim.ema_update(state["ema"], params, stats, config.ema_decay)
     grad_norm = optax.tree.norm(grads)
     step_metrics = {"loss": loss, "top1": metrics.topk_correct(logits, labels, 1).mean(),
                     "grad_norm": grad_norm,
@@ -154,8 +177,8 @@ def step_lr(schedule, step: int, mesh) -> jax.Array:
 def make_eval_step(graphdef, config, mesh):
   k = min(5, config.num_classes)
 
-  def eval_step(state, batch):
-    model = nnx.merge(graphdef, state["params"], state["batch_stats"])
+  def eval_step(weights, batch):  # weights: train.weights(state) or its EMA
+    model = nnx.merge(graphdef, weights["params"], weights["batch_stats"])
     logits = model(pipeline.model_input(batch["image"], config), train=False)
     labels, mask = batch["label"], batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -168,17 +191,27 @@ def make_eval_step(graphdef, config, mesh):
                  compiler_options=parallel.compiler_options(_platform(mesh)))
 
 
-def evaluate(eval_step, state, config, dataset, mesh) -> dict[str, float]:
-  """Exact metrics over the whole eval split: padded examples are masked out, none dropped."""
+def evaluate(eval_step, weights, config, dataset, mesh, prefix="eval") -> dict[str, float]:
+  """Exact metrics of `weights` (train.weights) over the whole eval split: padded examples are
+  masked out, none dropped."""
   per_process = parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   totals = None
   for local in pipeline.eval_batches(config, dataset, per_process):
-    sums = eval_step(state, parallel.global_batch(local, mesh))
+    sums = eval_step(weights, parallel.global_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   n = totals["num_examples"]
-  return {"eval/loss": totals["loss"] / n, "eval/top1": totals["top1"] / n,
-          "eval/top5": totals["top5"] / n, "eval/num_examples": n}
+  return {f"{prefix}/loss": totals["loss"] / n, f"{prefix}/top1": totals["top1"] / n,
+          f"{prefix}/top5": totals["top5"] / n, f"{prefix}/num_examples": n}
+
+
+def evaluate_run(eval_step, state, config, dataset, mesh) -> dict[str, float]:
+  """eval/* of the trained weights and, when the run keeps an EMA, eval_ema/* of its EMA."""
+  results = evaluate(eval_step, weights(state), config, dataset, mesh)
+  if "ema" in state:
+    results.update(evaluate(eval_step, weights(state, ema=True), config, dataset, mesh,
+                            prefix="eval_ema"))
+  return results
 
 
 class _PreemptionFlag:
@@ -273,7 +306,7 @@ def _prepare_run(config, workdir: Path, mesh, dataset, per_process_batch: int,
   total_steps = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
   tx, schedule = optim.make_optimizer(config, total_steps)
   graphdef, target = abstract_train_state(config, mesh, tx)
-  iterator = iter(pipeline.train_loader(config, dataset, per_process_batch, config.seed))
+  iterator = pipeline.train_iterator(config, dataset, per_process_batch, config.seed)
   restored = None
   if config.resume != "never":
     restored = checkpointer.restore(target, iterator,
@@ -342,10 +375,9 @@ def _train(config, workdir: Path, mesh, dataset, checkpointer, writer, stop, *, 
         times.reset()
       if step % eval_every == 0 or step == total_steps:
         eval_start = time.monotonic()
-        eval_results = evaluate(eval_step, state, config, dataset, mesh)
+        eval_results = evaluate_run(eval_step, state, config, dataset, mesh)
         writer.write(step, eval_results)
-        progress.update(step, f"eval top1 {eval_results['eval/top1']:.4f} "
-                        f"top5 {eval_results['eval/top5']:.4f}")
+        progress.update(step, _describe_eval(eval_results))
         times.exclude(time.monotonic() - eval_start)  # keep img/s about training alone
       preempted = stop.reached(step)
       if preempted or step == total_steps or step % config.checkpoint_every_steps == 0:
@@ -362,15 +394,21 @@ def _train(config, workdir: Path, mesh, dataset, checkpointer, writer, stop, *, 
     profiler.close()
   progress.close()
   if first_step >= total_steps:  # already finished: report instead of silently doing nothing
-    eval_results = evaluate(eval_step, state, config, dataset, mesh)
+    eval_results = evaluate_run(eval_step, state, config, dataset, mesh)
     if chief:
       print(f"{workdir} already holds the finished run (step {first_step}).", flush=True)
   if chief and eval_results:
     workdir_files.write_result(workdir, max(first_step, total_steps), eval_results)
-    print(f"Done: step {max(first_step, total_steps)}, eval top-1 "
-          f"{eval_results['eval/top1']:.4f}, top-5 {eval_results['eval/top5']:.4f} on "
+    print(f"Done: step {max(first_step, total_steps)}, {_describe_eval(eval_results)} on "
           f"{int(eval_results['eval/num_examples'])} examples", flush=True)
   return eval_results
+
+
+def _describe_eval(results: dict[str, float]) -> str:
+  line = f"eval top1 {results['eval/top1']:.4f} top5 {results['eval/top5']:.4f}"
+  if "eval_ema/top1" in results:
+    line += f" (EMA top1 {results['eval_ema/top1']:.4f} top5 {results['eval_ema/top5']:.4f})"
+  return line
 
 
 def _check_finite(step_metrics, step: int, checkpointer) -> None:
@@ -382,9 +420,13 @@ def _check_finite(step_metrics, step: int, checkpointer) -> None:
         f"is step {checkpointer.latest_step()} (lower the learning rate, check the data)")
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluates the latest checkpoint in `workdir` on the whole eval split and prints it."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        ema: bool = False) -> dict:
+  """Evaluates the latest checkpoint in `workdir` (its EMA weights with `ema`) on the whole eval
+  split and prints it."""
   check_config(config)
+  if ema:
+    check_has_ema(config, workdir)
   mesh = parallel.make_mesh()
   restored = restore_train_state(config, workdir, mesh)
   if restored is None:
@@ -393,9 +435,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   step, graphdef, state = restored
   dataset = pipeline.load_dataset(config)
   eval_step = parallel.CompiledTogether(make_eval_step(graphdef, config, mesh), "eval")
-  results = evaluate(eval_step, state, config, dataset, mesh)
+  results = evaluate(eval_step, weights(state, ema), config, dataset, mesh)
   if parallel.is_chief():
-    print(f"step {step}: top-1 {results['eval/top1']:.4f} top-5 {results['eval/top5']:.4f} "
-          f"loss {results['eval/loss']:.4f} on {int(results['eval/num_examples'])} examples",
-          flush=True)
+    print(f"step {step}{' (EMA weights)' if ema else ''}: top-1 {results['eval/top1']:.4f} "
+          f"top-5 {results['eval/top5']:.4f} loss {results['eval/loss']:.4f} on "
+          f"{int(results['eval/num_examples'])} examples", flush=True)
   return {"step": step, **results}

@@ -90,7 +90,13 @@ def read_json(path: Path):
 # config.json
 
 
+# Keys added after runs were already saved, with the value an older config.json meant by leaving
+# them out: such a run still resumes.
+ADDED_KEYS = {"ema_decay": 0.0}
+
+
 def _config_differences(saved: dict, current: dict) -> list[str]:
+  saved = {**ADDED_KEYS, **saved}
   keys = sorted((set(saved) | set(current)) - set(RESUMABLE_CHANGES))
   return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
           if saved.get(k) != current.get(k)]

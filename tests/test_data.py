@@ -1,4 +1,5 @@
 import io
+import json
 import re
 
 import jax
@@ -96,6 +97,41 @@ def test_a_global_batch_is_the_same_on_any_number_of_processes_and_workers(tiny_
   assert not np.array_equal(one[0]["image"], raw)
   with pytest.raises(ValueError, match="global batch 15 is not divisible by 2 processes"):
     pipeline.GlobalBatches(dataset.train, 15, 3, 0, 2)
+
+
+def test_a_train_iterator_resumes_with_another_worker_and_process_count(tiny_config):
+  """A checkpoint's iterator state (grain refuses one of another worker count) resumes the same
+  global batches with any num_workers and process count: what a resume of a 2-process job on
+  one process, or with --config.num_workers changed, reads next."""
+  dataset = pipeline.load_dataset(tiny_config)
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+  def iterator(workers, count=1, index=0, seed=3):
+    tiny_config.num_workers = workers
+    return pipeline.TrainIterator(pipeline.train_loader(
+        tiny_config, dataset, 16 // count, seed=seed, process_index=index, process_count=count))
+
+  whole = iterator(0)
+  stream = [next(whole)["label"] for _ in range(9)]  # crosses an epoch (6 steps each)
+  for saved_workers, count, resumed_workers, steps in [(2, 1, 0, 5), (0, 1, 2, 4), (2, 2, 1, 7)]:
+    saving = iterator(saved_workers, count)
+    for _ in range(steps):
+      next(saving)
+    state = saving.get_state()
+    assert pipeline.loader_position(json.loads(state)) == steps
+    saving.close()
+    resumed = iterator(resumed_workers)  # one process reads the whole global batch
+    resumed.set_state(state)
+    for want in stream[steps:steps + 2]:
+      np.testing.assert_array_equal(next(resumed)["label"], want)
+    resumed.close()
+  for workers in range(4):
+    state = json.loads(iterator(workers).get_state())
+    assert [pipeline.loader_position(pipeline.loader_state(state, p)) for p in range(9)] == list(
+        range(9))
+  with pytest.raises(pipeline.DataStreamMismatchError, match="the config is wrong"):
+    iterator(0, seed=4).set_state(whole.get_state())
 
 
 def test_preprocessing_shapes_and_determinism():

@@ -2,6 +2,7 @@
 started exactly as the README tells cluster users: `launch.py train|eval|sweep --local` with
 --coordinator_address, --num_processes and --process_id on every process."""
 
+import shutil
 import signal
 import socket
 import sys
@@ -126,12 +127,20 @@ def test_two_launch_processes_are_one_job_stopped_on_one_host_resumed_on_both_an
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]  # both hosts saved there
 
   total = stopped + 3
-  train_args = lambda workdir: ["train", f"--config={SMOKE}", f"--workdir={workdir}",
-                                *flags(total)]
+  train_args = lambda workdir, *extra: ["train", f"--config={SMOKE}", f"--workdir={workdir}",
+                                        *flags(total), *extra]
+  # The same checkpoint also resumes on one host with a grain worker: another process count
+  # and another worker count read the same batches on.
+  one_host = tmp_path / "resumed_on_one_host"
+  shutil.copytree(run, one_host)
   resumed = _launch(train_args(run), tmp_path)
   one = _launch(train_args(reference), tmp_path, num_processes=1, devices=4)
+  moved = _launch(train_args(one_host, "--config.num_workers=1"), tmp_path, num_processes=1,
+                  devices=4)
   outputs = _finish(resumed)
   _finish(one)
+  assert f"Resuming from checkpoint at step {stopped}" in _finish(moved)[0]
+  _assert_same_training(one_host, reference)
   assert f"Resuming from checkpoint at step {stopped}" in outputs[0]
   assert f"Done: step {total}" in outputs[0] and "Done: step" not in outputs[1]
   lines = workdir_files.read_metrics(str(run))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,11 @@ def _command(workdir, data_dirs, *extra, command="train"):
           "--config.batch_size=16", "--config.eval_batch_size=16", "--config.total_steps=20",
           "--config.eval_every_steps=20", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=4", "--config.num_workers=0",
-          f"--workdir={workdir}", *extra]
+          f"--config.ema_decay={EMA_DECAY}", f"--workdir={workdir}", *extra]
+
+
+# Every run keeps an EMA of its weights: the interrupted runs must resume it exactly too.
+EMA_DECAY = 0.8
 
 
 def _run(cmd, timeout=240):
@@ -51,15 +56,18 @@ _wait_for_step = processes.wait_for_step
 
 
 def _params(workdir: Path):
+  """(step, every array of the saved state: params, BN statistics, optimizer state, EMA)."""
   step, _, restored = train.restore_train_state(_tiny_config_like_cli(), str(workdir),
                                                 parallel.make_mesh())
-  return step, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(restored["params"]))]
+  assert "ema" in restored
+  return step, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(restored))]
 
 
 def _tiny_config_like_cli():
   from configs import common
   config = common.load_config("configs/default.py:smoke,scale=0.25")
   config.batch_size = 16
+  config.ema_decay = EMA_DECAY
   return config
 
 
@@ -92,6 +100,17 @@ def test_every_train_line_says_where_the_time_went_and_profile_steps_write_a_tra
   assert len(traces) == 1 and traces[0].stat().st_size > 0, list((workdir).rglob("*"))
   assert f"Profile of steps 3-4 written to {workdir / 'profile'}" in result.stdout
   assert json.loads((workdir / "config.json").read_text())["num_workers"] == -1  # the word auto
+
+
+def test_the_ema_is_evaluated_at_every_eval_and_by_eval_ema(uninterrupted_run):
+  workdir, result = uninterrupted_run
+  final = [line for line in workdir_files.read_metrics(str(workdir)) if "eval/top1" in line][-1]
+  assert final["step"] == 20 and final["eval_ema/num_examples"] == 37
+  assert f"(EMA top1 {final['eval_ema/top1']:.4f}" in result.stdout
+  evaluated = _run([sys.executable, "launch.py", "eval", f"--workdir={workdir}", "--ema"])
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert (f"step 20 (EMA weights): top-1 {final['eval_ema/top1']:.4f} top-5 "
+          f"{final['eval_ema/top5']:.4f} loss {final['eval_ema/loss']:.4f}") in evaluated.stdout
 
 
 def _assert_same(params_a, params_b):
@@ -131,17 +150,18 @@ def test_sigkill_then_restart_resumes_from_the_last_complete_checkpoint(data_dir
   _assert_same(uninterrupted, _params(tmp_path))
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data_dirs, tmp_path):
-  cmd = _command(tmp_path, data_dirs, "--config.total_steps=8")
-  assert _run(cmd).returncode == 0
-  newest = tmp_path / "checkpoints" / "8"
-  for path in (newest / "state").rglob("*"):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data_dirs, tmp_path,
+                                                                  uninterrupted_run, uninterrupted):
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted_run[0], workdir)  # a finished run: checkpoints 12, 16, 20
+  for path in (workdir / "checkpoints" / "20" / "state").rglob("*"):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(b"\0garbage")  # every data and metadata file of the newest checkpoint
-  result = _run(_command(tmp_path, data_dirs, "--config.total_steps=8"))
+  result = _run(_command(workdir, data_dirs))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "checkpoint 8 is unreadable" in result.stdout
-  assert "Resuming from checkpoint at step 4" in result.stdout
+  assert "checkpoint 20 is unreadable" in result.stdout
+  assert "Resuming from checkpoint at step 16" in result.stdout, result.stdout
+  _assert_same(uninterrupted, _params(workdir))  # and it trains steps 17-20 again, exactly
 
 
 def test_a_second_run_on_a_live_workdir_is_refused(data_dirs, tmp_path):

@@ -156,7 +156,9 @@ def _final_params(workdir, config):
 
 
 def test_stop_and_resume_gives_the_same_parameters(tiny_config, tmp_path):
+  """With an EMA of the weights: it is resumed exactly too, and evaluated beside them."""
   workdir = tmp_path / "run"
+  tiny_config.ema_decay = 0.5
   train.train_and_evaluate(tiny_config, str(workdir))
   step, uninterrupted = _final_params(workdir, tiny_config)
   assert step == 6
@@ -165,24 +167,58 @@ def test_stop_and_resume_gives_the_same_parameters(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, str(workdir))
   step, resumed = _final_params(workdir, tiny_config)
   assert step == 6
+  assert set(resumed) == {"step", "params", "batch_stats", "opt_state", "ema"}
   for a, b in zip(_leaves(uninterrupted), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   lines = workdir_files.read_metrics(str(workdir))
   assert {"train/loss", "train/top1", "lr", "img_per_sec"} <= set(lines[0])
   evals = [line for line in lines if "eval/top1" in line]
   assert evals[-1]["eval/num_examples"] == 37 and 0 <= evals[-1]["eval/top5"] <= 1
-  # `launch.py eval` on the finished workdir reproduces the run's final evaluation.
-  reevaluated = train.evaluate_checkpoint(tiny_config, str(workdir))
-  assert reevaluated["step"] == 6
-  assert reevaluated["eval/top1"] == pytest.approx(evals[-1]["eval/top1"], abs=1e-9)
+  assert evals[-1]["eval_ema/num_examples"] == 37 and 0 <= evals[-1]["eval_ema/top5"] <= 1
+  # `launch.py eval [--ema]` on the finished workdir reproduces the run's final evaluation.
+  for ema, prefix in ((False, "eval"), (True, "eval_ema")):
+    reevaluated = train.evaluate_checkpoint(tiny_config, str(workdir), ema=ema)
+    assert reevaluated["step"] == 6
+    assert reevaluated["eval/top1"] == pytest.approx(evals[-1][f"{prefix}/top1"], abs=1e-9)
+    assert reevaluated["eval/loss"] == pytest.approx(evals[-1][f"{prefix}/loss"], rel=1e-6)
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"] == "shufflenet_v1" and saved["batch_size"] == 16
+
+
+def test_the_ema_is_the_reference_update_of_every_steps_weights_in_float64(tiny_config):
+  """ema_0 = the initial weights and BN statistics, ema_t = d * ema_{t-1} + (1 - d) * (step t's
+  weights and statistics), computed in float64 from the states the train step returned."""
+  tiny_config.ema_decay = 0.7
+  mesh, step, graphdef, state = _setup(tiny_config)
+  trained = lambda state: _leaves(train.weights(state))
+  reference = [x.astype(np.float64) for x in trained(state)]
+  assert all(np.array_equal(a, b) for a, b in zip(trained(state), _leaves(state["ema"])))
+  for seed in range(4):
+    state, _ = step(state, parallel.global_batch(_random_batch(16, seed=seed), mesh))
+    reference = [0.7 * e + 0.3 * x for e, x in zip(reference, trained(state))]
+  ema = _leaves(state["ema"])
+  assert len(ema) == len(reference)
+  for got, want in zip(ema, reference):
+    scale = max(1.0, float(np.max(np.abs(want))))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+  assert not all(np.allclose(a, b) for a, b in zip(ema, trained(state)))  # it lags the weights
+  with pytest.raises(ValueError, match=r"--ema: the run in W keeps no EMA.*ema_decay=0.0"):
+    train.check_has_ema(ml_collections.ConfigDict({"ema_decay": 0.0}), "W")
 
 
 def test_resume_refuses_a_different_config(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   tiny_config.total_steps = 3
   train.train_and_evaluate(tiny_config, str(workdir))
+  # A config.json written before ema_decay existed means no EMA: the run still resumes.
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["ema_decay"]
+  (workdir / "config.json").write_text(json.dumps(saved))
+  workdir_files.check_resumable(tiny_config, workdir, True)
+  tiny_config.ema_decay = 0.9
+  with pytest.raises(ValueError, match=r"different config \(ema_decay: 0.0 -> 0.9\)"):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  tiny_config.ema_decay = 0.0
   tiny_config.lr = 0.01
   with pytest.raises(ValueError, match=r"different config \(lr: 0.4 -> 0.01\).*resume=force"):
     train.train_and_evaluate(tiny_config, str(workdir))

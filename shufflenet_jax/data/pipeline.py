@@ -10,8 +10,10 @@ once on any device count.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,6 +235,81 @@ def train_loader(config, dataset: Dataset, per_process_batch: int, seed: int, *,
                           sampler=grain.samplers.SequentialSampler(num_records=len(batches)),
                           operations=[_Augment(config, seed)],
                           worker_count=worker_count(config.num_workers))
+
+
+class DataStreamMismatchError(ValueError):
+  """A checkpoint's data-iterator state is of another stream (seed, batch, dataset) than the
+  config's: the config is wrong, not the checkpoint."""
+
+
+# The process slice of a GlobalBatches repr: every process reads the same record (step) of one
+# stream, so a state saved by any process of any process count positions this one.
+_PROCESS_SLICE = re.compile(r", process=\d+/\d+\)$")
+
+
+def loader_position(state: dict) -> int:
+  """The record (= training step) a grain DataLoader state reads next, for any worker count.
+  grain's v2 state: worker w of W reads records w, w+W, ...; last_seen_indices[w] is the last it
+  gave (w - W before its first); with 0 workers, last_seen_indices["0"] is the last record."""
+  workers, last_seen = state["worker_count"], state["last_seen_indices"]
+  if workers == 0:
+    return last_seen["0"] + 1
+  return sum((last_seen[str(w)] - w) // workers + 1 for w in range(workers))
+
+
+def loader_state(state: dict, position: int) -> dict:
+  """`state` (of this loader: its worker count, sampler and source) moved to read `position`
+  next: the inverse of loader_position."""
+  workers = state["worker_count"]
+  if workers == 0:
+    return {**state, "last_seen_indices": {"0": position - 1}, "last_worker_index": -1}
+  last_seen = {str(w): w + ((position - w + workers - 1) // workers - 1) * workers
+               for w in range(workers)}
+  return {**state, "last_seen_indices": last_seen, "last_worker_index": position % workers - 1}
+
+
+class TrainIterator:
+  """The train loader's iterator, whose checkpointed state resumes with any number of grain
+  workers or processes: grain refuses a state of another worker count, but each record is one
+  whole step (GlobalBatches), so its position is all a resume needs."""
+
+  def __init__(self, loader: grain.DataLoader):
+    self._iterator = iter(loader)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._iterator)
+
+  def get_state(self) -> bytes:
+    return self._iterator.get_state()
+
+  def set_state(self, saved: bytes) -> None:
+    saved_state, state = json.loads(saved.decode()), json.loads(self._iterator.get_state())
+    for key in ("sampler", "data_source"):
+      theirs, ours = (_PROCESS_SLICE.sub(")", s[key]) for s in (saved_state, state))
+      if theirs != ours:
+        raise DataStreamMismatchError(
+            f"the checkpoint's data iterator reads {saved_state[key]}, this config's "
+            f"{state[key]}: the config is wrong, not the checkpoint (nothing was moved)")
+    position = loader_position(saved_state)
+    self._iterator.set_state(json.dumps(loader_state(state, position)).encode())
+
+  def start_prefetch(self) -> None:
+    self._iterator.start_prefetch()
+
+  def close(self) -> None:
+    """Stops the worker processes and prefetch threads now (on an error too), so none is left
+    holding shared memory or blocking the interpreter's exit."""
+    dataset_iterator = getattr(self._iterator, "_iterator", None)  # grain's DataLoaderIterator
+    if hasattr(dataset_iterator, "close"):
+      dataset_iterator.close()
+
+
+def train_iterator(config, dataset: Dataset, per_process_batch: int, seed: int) -> TrainIterator:
+  """train_loader's batches for this process, resumable across worker and process counts."""
+  return TrainIterator(train_loader(config, dataset, per_process_batch, seed))
 
 
 def eval_batches(config, dataset: Dataset, per_process_batch: int) -> Iterator[dict]:

@@ -92,13 +92,14 @@ def load_stablehlo(path: str | Path):
   return jax.export.deserialize(bytearray(Path(path).read_bytes()))
 
 
-def export(config, workdir: str, fmt: str, output: str | None = None) -> Path:
+def export(config, workdir: str, fmt: str, output: str | None = None, ema: bool = False) -> Path:
+  """The model of `workdir`'s newest checkpoint (its EMA weights with `ema`) as a `fmt` file."""
   from shufflenet_jax.predict import load_model
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r} is not one of {FORMATS}")
-  step, model = load_model(config, workdir)
-  path = Path(output) if output else (Path(workdir) / "export" /
-                                      f"model_step{step}{SUFFIXES[fmt]}")
+  step, model = load_model(config, workdir, ema)
+  name = f"model_step{step}{'_ema' if ema else ''}{SUFFIXES[fmt]}"
+  path = Path(output) if output else Path(workdir) / "export" / name
   path.parent.mkdir(parents=True, exist_ok=True)
   probe = np.random.default_rng(0).normal(
       size=(2, config.input_size, config.input_size, config.in_channels)).astype(np.float32)
@@ -114,8 +115,9 @@ def export(config, workdir: str, fmt: str, output: str | None = None) -> Path:
     ops = sorted({op["op_name"] for op in interpreter._get_ops_details()})
     print(f"TFLite ops: {', '.join(ops)}", flush=True)  # DELEGATE: XNNPACK runs that part
   meta = {"format": fmt, "model": config.model, "model_kwargs": dict(config.model_kwargs),
-          "step": step, "input": [None if fmt == "stablehlo" else 1, config.input_size,
-                                  config.input_size, config.in_channels],
+          "step": step, "ema_weights": ema,
+          "input": [None if fmt == "stablehlo" else 1, config.input_size, config.input_size,
+                    config.in_channels],
           "input_format": config.input_format, "num_classes": config.num_classes}
   path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
   error = float(np.max(np.abs(expected - got)))
