@@ -29,9 +29,11 @@ from __future__ import annotations
 import difflib
 import errno
 import json
+import multiprocessing.util
 import os
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -323,7 +325,7 @@ def _quiet_background_errors() -> None:
 
 def _main_with_clear_errors(argv: list[str]) -> None:
   """Expected failures (bad values, missing data, busy workdir, NaN, a full or read-only disk,
-  Ctrl-C) end in one line: exit 1 (130 for Ctrl-C)."""
+  Ctrl-C) end in one line: exit 1 (130 for Ctrl-C); others in their traceback, exit 1."""
   from shufflenet_jax import workdir as workdir_files
   from shufflenet_jax.parallel import ClusterError
   from shufflenet_jax.train import NonFiniteLossError
@@ -332,27 +334,42 @@ def _main_with_clear_errors(argv: list[str]) -> None:
     _quiet_background_errors()
   try:
     main(argv)
+  except app.UsageError:
+    raise  # absl prints it with the usage line
   except KeyboardInterrupt:
     if verbose:
-      raise
+      traceback.print_exc()
     sys.stderr.write("\nerror: interrupted (Ctrl-C) before a checkpoint could be saved; what "
                      "the workdir held is unchanged\n")
-    sys.exit(130)
-  except Exception as e:  # noqa: BLE001 - sorted into one-line errors below, else re-raised
+    _exit_now(130)
+  except Exception as e:  # noqa: BLE001 - sorted into one-line errors below, else traceback
     storage = workdir_files.storage_error(e)
     if verbose or (storage is None and not isinstance(
         e, (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError,
             workdir_files.WorkdirInUseError, ClusterError))):
-      raise
+      traceback.print_exc()
+      _exit_now(1)
     if storage is None:
       sys.stderr.write(f"error: {e}\n")
-      sys.exit(1)
-    sys.stderr.write(f"error: {_storage_error_line(storage)}\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Orbax's writer tasks fail one by one against the same disk while the interpreter shuts
-    # down (each logs its own traceback); nothing is left to save, so stop here.
-    os._exit(1)
+    else:
+      # Orbax's writer tasks go on failing one by one against the same disk while the
+      # interpreter shuts down (each logs its own traceback): one more reason to stop at once.
+      sys.stderr.write(f"error: {_storage_error_line(storage)}\n")
+    _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+  """Exits without waiting for background threads. Everything the run keeps is closed by the
+  time an error gets here (checkpoints, metrics, the workdir lock), but a failed async save
+  leaves Orbax's signalling thread waiting for a signal that never comes, and grain's prefetch
+  threads may still be blocked: a normal exit would join them and hang forever."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.flush()
+  try:  # what atexit would do for grain's worker processes: stop them, unlink their semaphores
+    multiprocessing.util._exit_function()  # noqa: SLF001
+  finally:
+    os._exit(code)
 
 
 def run() -> None:

@@ -392,6 +392,7 @@ def _train(config, workdir: Path, mesh, dataset, checkpointer, writer, stop, *, 
         return {"preempted_at_step": step, **eval_results}
   finally:
     profiler.close()
+    iterator.close()
   progress.close()
   if first_step >= total_steps:  # already finished: report instead of silently doing nothing
     eval_results = evaluate_run(eval_step, state, config, dataset, mesh)

@@ -348,3 +348,31 @@ def test_config_file_mistakes_are_one_line(tmp_path):
   for (config, cwd), message in cases.items():
     line = _one_error_line(_launch("summary", f"--config={config}", cwd=cwd), code=2)
     assert message in line, line
+
+
+STUCK_THREAD = '''
+import sys, threading
+from shufflenet_jax import cli, train
+
+def fail(config, workdir):  # as a failed async save leaves Orbax's signalling thread waiting
+  threading.Thread(target=threading.Event().wait, name="waits-forever").start()
+  raise {error}
+
+train.train_and_evaluate = fail
+sys.argv = ["launch.py", "train", "--config=configs/shufflenet_v1.py:smoke=true",
+            "--workdir={workdir}"]
+cli.run()
+'''
+
+
+@pytest.mark.parametrize("error, expected", [
+    ("ValueError('bad value')", "error: bad value"),
+    ("RuntimeError('unexpected')", "RuntimeError: unexpected"),
+])
+def test_an_error_exits_even_when_a_background_thread_would_never_end(error, expected, tmp_path):
+  script = STUCK_THREAD.format(error=error, workdir=tmp_path / "run")
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert expected in result.stderr, result.stderr[-3000:]
+  assert ("Traceback" in result.stderr) == error.startswith("RuntimeError"), result.stderr[-3000:]
