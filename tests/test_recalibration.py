@@ -61,6 +61,7 @@ def test_recalibrate_averages_the_batch_statistics_of_n_batches_into_a_new_workd
                                                                                    tmp_path):
   run = tmp_path / "run"
   tiny_config.num_workers = 0
+  tiny_config.ema_decay = 0.5  # its statistics are recalibrated too, on the same batches
   train.train_and_evaluate(tiny_config, str(run))
   before = _files_digest(run)
 
@@ -80,25 +81,27 @@ def test_recalibrate_averages_the_batch_statistics_of_n_batches_into_a_new_workd
   step, _, old = train.restore_train_state(config, str(run), mesh)
   new_step, _, new = train.restore_train_state(config, str(output), mesh)
   assert step == new_step == 6
-  for key, value in _flat(old["params"]).items():  # the weights are frozen
-    np.testing.assert_array_equal(_flat(new["params"])[key], value)
 
   dataset = pipeline.load_dataset(config)
   iterator = iter(pipeline.train_loader(config, dataset, config.batch_size, config.seed))
   batches = [next(iterator) for _ in range(3)]
-  direct = _direct_statistics(config, old["params"], batches)
-  recalibrated = _flat(new["batch_stats"])
-  old_stats = _flat(old["batch_stats"])
-  assert len(recalibrated) == 2 * len(direct)
-  changed = 0
-  for path, (mean, var) in direct.items():
-    key = "".join(f"[{k!r}]" for k in path)
-    got_mean, got_var = recalibrated[f"{key}['mean']"], recalibrated[f"{key}['var']"]
-    scale = max(1.0, float(np.abs(var).max()))
-    np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
-    np.testing.assert_allclose(got_var, var, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
-    changed += not np.allclose(old_stats[f"{key}['var']"], got_var)
-  assert changed == len(direct)  # training's momentum average is not what recalibration gives
+  for old_weights, new_weights in ((old, new), (old["ema"], new["ema"])):
+    for key, value in _flat(old_weights["params"]).items():  # the weights are frozen
+      np.testing.assert_array_equal(_flat(new_weights["params"])[key], value)
+    direct = _direct_statistics(config, old_weights["params"], batches)
+    recalibrated = _flat(new_weights["batch_stats"])
+    old_stats = _flat(old_weights["batch_stats"])
+    assert len(recalibrated) == 2 * len(direct)
+    changed = 0
+    for path, (mean, var) in direct.items():
+      key = "".join(f"[{k!r}]" for k in path)
+      got_mean, got_var = recalibrated[f"{key}['mean']"], recalibrated[f"{key}['var']"]
+      scale = max(1.0, float(np.abs(var).max()))
+      np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+      np.testing.assert_allclose(got_var, var, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+      changed += not np.allclose(old_stats[f"{key}['var']"], got_var)
+    assert changed == len(direct)  # training's momentum average is not what recalibration gives
+  assert "eval_ema/top1" in workdir_files.read_result(output)
 
   again = processes.run([sys.executable, "launch.py", "recalibrate", f"--workdir={run}"])
   assert again.returncode == 1

@@ -12,9 +12,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from shufflenet_jax import checkpointing, parallel, train
+from shufflenet_jax import checkpointing, parallel, predict, train
 from shufflenet_jax import workdir as workdir_files
+from shufflenet_jax.interop import export
 from tests import fake_data, processes
 
 pytestmark = pytest.mark.slow  # subprocesses; minutes in all, and they run in CI
@@ -102,7 +104,8 @@ def test_every_train_line_says_where_the_time_went_and_profile_steps_write_a_tra
   assert json.loads((workdir / "config.json").read_text())["num_workers"] == -1  # the word auto
 
 
-def test_the_ema_is_evaluated_at_every_eval_and_by_eval_ema(uninterrupted_run):
+def test_the_ema_is_evaluated_at_every_eval_and_by_eval_predict_and_export(uninterrupted_run,
+                                                                           tmp_path):
   workdir, result = uninterrupted_run
   final = [line for line in workdir_files.read_metrics(str(workdir)) if "eval/top1" in line][-1]
   assert final["step"] == 20 and final["eval_ema/num_examples"] == 37
@@ -111,6 +114,30 @@ def test_the_ema_is_evaluated_at_every_eval_and_by_eval_ema(uninterrupted_run):
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert (f"step 20 (EMA weights): top-1 {final['eval_ema/top1']:.4f} top-5 "
           f"{final['eval_ema/top5']:.4f} loss {final['eval_ema/loss']:.4f}") in evaluated.stdout
+
+  # predict --ema and export --ema give the EMA model's outputs, not the trained weights'.
+  config = workdir_files.load_config(workdir)
+  image = tmp_path / "item.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(image)
+  x = predict.model_input(config, str(image))[None]
+  ema_model, raw_model = (predict.load_model(config, str(workdir), ema)[1] for ema in (True, False))
+  want, raw = (np.sort(np.asarray(jax.nn.softmax(m(x))[0]))[::-1][:5] for m in (ema_model,
+                                                                             raw_model))
+  assert not np.allclose(want, raw, atol=2e-3)  # the EMA lags the weights
+  predicted = _run([sys.executable, "launch.py", "predict", f"--workdir={workdir}", "--ema",
+                    str(image)])
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  (line,) = [line for line in predicted.stdout.splitlines() if line.startswith(f"{image}: ")]
+  got = [float(item.split()[-1]) for item in line.split(": ", 1)[1].split(", ")]
+  np.testing.assert_allclose(got, want, atol=6e-4)  # printed with 3 decimals
+  artifact = tmp_path / "ema.stablehlo"
+  exported = _run([sys.executable, "launch.py", "export", f"--workdir={workdir}", "--ema",
+                   f"--output={artifact}"])
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert json.loads(artifact.with_suffix(".json").read_text())["ema_weights"] is True
+  images = np.stack([x[0], -x[0]])
+  np.testing.assert_allclose(np.asarray(export.load_stablehlo(artifact).call(images)),
+                             np.asarray(ema_model(images)), rtol=1e-4, atol=1e-5)
 
 
 def _assert_same(params_a, params_b):
