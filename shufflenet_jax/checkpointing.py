@@ -62,9 +62,7 @@ class _DataHandler(grain.checkpoint.CheckpointHandler):
   def restore(self, directory, item=None, args=None):
     item = item or args.item
     own = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if own.exists():
-      return super().restore(directory, item=item)
-    saved = sorted(Path(directory).glob("process_*-of-*.json"))
+    saved = [own] if own.exists() else sorted(Path(directory).glob("process_*-of-*.json"))
     if not saved:
       raise ValueError(f"{directory} holds no data-iterator state")
     item.set_state(saved[0].read_bytes())

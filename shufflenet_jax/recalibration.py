@@ -88,14 +88,17 @@ def recalibrate(config: ml_collections.ConfigDict, workdir: str, steps: int,
     print(f"Recalibrating the BN statistics of step {step} over {steps} batches of "
           f"{config.batch_size} training images", flush=True)
   progress = metrics.Progress(steps, 0, enabled=chief)
-  # The trained weights' statistics, and their EMA's (recalibrated on the same batches) if kept.
-  averages = {name: train.weights(state, name == "ema") for name in ("raw", "ema")
-              if name == "raw" or "ema" in state}
+  # The trained weights' statistics, and their EMA's (recalibrated on the same batches) if kept;
+  # copies, whose statistics the loop replaces.
+  averages = {"raw": train.weights(state)}
+  if "ema" in state:
+    averages["ema"] = dict(train.weights(state, ema=True))
   for count in range(1, steps + 1):
     batch = parallel.global_batch(next(iterator), mesh)
+    count_on_devices = parallel.replicate(np.float32(count), mesh)
     for weights in averages.values():
       weights["batch_stats"] = statistics_step(weights["params"], weights["batch_stats"], batch,
-                                               parallel.replicate(np.float32(count), mesh))
+                                               count_on_devices)
     progress.update(count)
   progress.close()
   state = {**state, "batch_stats": averages["raw"]["batch_stats"]}
