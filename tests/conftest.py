@@ -33,6 +33,14 @@ def _optimised_code_for_numerics(request):
     yield
 
 
+@pytest.fixture
+def absl_flags_parsed():
+  """grain's worker processes read absl flags, which launch.py parses (absl's app.run)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 @pytest.fixture(scope="session")
 def fashion_dir(tmp_path_factory):
   return fake_data.write_fashion_mnist(tmp_path_factory.mktemp("fashion_idx"))

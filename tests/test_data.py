@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
 from configs import common
@@ -63,13 +62,12 @@ def test_iterator_state_resumes_the_same_batches(tiny_config):
     np.testing.assert_array_equal(next(resumed)["label"], want)
 
 
-def test_a_global_batch_is_the_same_on_any_number_of_processes_and_workers(tiny_config):
+def test_a_global_batch_is_the_same_on_any_number_of_processes_and_workers(tiny_config,
+                                                                          absl_flags_parsed):
   """The stream behind a 2-process x 2-device job is the 1 x 4 job's: each process's batches are
   its slice of the same global batches, augmentations included, across epochs (96 examples,
   global batch 16: batch 6 is the first of epoch 2), with or without a grain worker."""
   dataset = pipeline.load_dataset(tiny_config)
-  if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (launch.py parses)
-    flags.FLAGS.mark_as_parsed()
 
   def batches(count, index, workers=0, steps=8):
     tiny_config.num_workers = workers
@@ -99,13 +97,12 @@ def test_a_global_batch_is_the_same_on_any_number_of_processes_and_workers(tiny_
     pipeline.GlobalBatches(dataset.train, 15, 3, 0, 2)
 
 
-def test_a_train_iterator_resumes_with_another_worker_and_process_count(tiny_config):
+def test_a_train_iterator_resumes_with_another_worker_and_process_count(tiny_config,
+                                                                      absl_flags_parsed):
   """A checkpoint's iterator state (grain refuses one of another worker count) resumes the same
   global batches with any num_workers and process count: what a resume of a 2-process job on
   one process, or with --config.num_workers changed, reads next."""
   dataset = pipeline.load_dataset(tiny_config)
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
 
   def iterator(workers, count=1, index=0, seed=3):
     tiny_config.num_workers = workers
@@ -177,12 +174,13 @@ def test_imagenet_missing_tars_is_a_clear_error(tmp_path):
     pipeline.load_dataset(config)
 
 
-def test_image_folder_trains_and_evaluates_exactly(tmp_path):
+def test_image_folder_trains_and_evaluates_exactly(tmp_path, absl_flags_parsed):
   root = fake_data.write_image_folder(tmp_path / "images")
   config = _imagenet_style_config(tmp_path, "image_folder", root)
   config.num_classes = 3
   config.total_steps = 2
   config.eval_every_steps = 2
+  config.num_workers = 1  # the builder travels to grain's worker pickled (it once could not)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["eval/num_examples"] == 9  # 3 classes x 3 val images, none dropped
 

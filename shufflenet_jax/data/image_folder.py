@@ -66,6 +66,9 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
     self.names = class_names(self.root)
     self.on_bad_image = on_bad_image
     super().__init__(**kwargs)
+    # tfds rebuilds an unpickled builder from `_original_state`: grain's worker processes
+    # receive the data source (and this builder with it) pickled.
+    self._original_state.update(root=str(self.root), on_bad_image=on_bad_image)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=encoded_image_features(self.names),
