@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "shufflenet_v1"
   c.model_kwargs = ml_collections.ConfigDict()
   c.conv_impl = "auto"             # auto | xla | matmul (layers.py); auto = fastest measured
-  c.compute_dtype = "float32"      # float32 | bfloat16; params stay float32
+  c.compute_dtype = "auto"         # auto (bfloat16 on TPU/GPU, float32 on CPU) | float32 |
+                                   # bfloat16; params, BN statistics, logits, loss stay float32
   c.bn_mode = "global"             # global (SPMD batch stats) | per_device (paper's per-GPU BN)
 
   c.dataset = "fashion_mnist"      # fashion_mnist | imagenet2012 | image_folder

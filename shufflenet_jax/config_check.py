@@ -15,7 +15,6 @@ from shufflenet_jax.data import image_folder, pipeline, preprocess
 from shufflenet_jax.models import layers
 
 BN_MODES = ("global", "per_device")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 # auto: resume this run; force: even with a different config; never: refuse a workdir with
 # checkpoints; any_data_order: also from a checkpoint whose data-iterator state is missing.
 RESUME_MODES = ("auto", "force", "never", "any_data_order")
@@ -27,7 +26,7 @@ CHOICES: dict[str, tuple] = {
     "lr_schedule": optim.SCHEDULES,
     "dataset": pipeline.DATASETS,
     "bn_mode": BN_MODES,
-    "compute_dtype": COMPUTE_DTYPES,
+    "compute_dtype": layers.COMPUTE_DTYPES,
     "resume": RESUME_MODES,
     "conv_impl": layers.CONV_IMPLS,
 }

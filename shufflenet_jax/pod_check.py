@@ -30,7 +30,7 @@ import ml_collections
 
 from shufflenet_jax import complexity, optim, parallel, summary, train
 from shufflenet_jax.data import throughput
-from shufflenet_jax.models.layers import resolve_conv_impl
+from shufflenet_jax.models.layers import resolve_compute_dtype, resolve_conv_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +192,7 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
   _check_divides(config.eval_batch_size, devices, "eval_batch_size")
   config = ml_collections.ConfigDict(config.to_dict())
   config.conv_impl = resolve_conv_impl(config.conv_impl, backend="tpu")  # the target's, not ours
+  config.compute_dtype = resolve_compute_dtype(config.compute_dtype, backend="tpu")
   mesh = parallel.make_mesh(topo.devices)
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
   graphdef, state = train.abstract_train_state(config, mesh, tx)
@@ -341,7 +342,8 @@ def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[st
     config = sweeps.apply_overrides(config_files.load_config(run.config), overrides)
     key = (config.model, str(sorted(dict(config.model_kwargs).items())), config.batch_size,
            config.eval_batch_size, config.input_size, config.in_channels, config.num_classes,
-           config.compute_dtype, config.bn_mode, config.conv_impl)
+           resolve_compute_dtype(config.compute_dtype, backend="tpu"), config.bn_mode,
+           resolve_conv_impl(config.conv_impl, backend="tpu"))
     transform = (config.augment, config.input_size, config.in_channels, config.color_jitter)
     if transform not in rates:  # timed once per transform, not once per compile
       rates[transform] = throughput.per_core_rate(config)

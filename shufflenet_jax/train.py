@@ -30,8 +30,10 @@ from shufflenet_jax import checkpointing, config_check, metrics, optim, parallel
 from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.data import pipeline
 from shufflenet_jax.models import get_model
+from shufflenet_jax.models.layers import resolve_compute_dtype
 
-COMPUTE_DTYPES = dict(zip(config_check.COMPUTE_DTYPES, (None, jnp.bfloat16)))
+# Layers compute in this dtype; parameters, BN statistics, logits and the loss stay float32.
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,8 +46,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict, **overrides) -> nnx.Module:
+  dtype = COMPUTE_DTYPES[resolve_compute_dtype(config.compute_dtype)]
   kwargs = dict(num_classes=config.num_classes, in_channels=config.in_channels,
-                conv_impl=config.conv_impl, dtype=COMPUTE_DTYPES[config.compute_dtype],
+                conv_impl=config.conv_impl, dtype=dtype,
                 seed=config.seed, **config.model_kwargs)
   kwargs.update(overrides)
   return get_model(config.model, **kwargs)

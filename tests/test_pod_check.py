@@ -38,6 +38,8 @@ def test_tiny_config_compiles_for_a_tpu_slice_with_consistent_memory_and_flops(t
   assert times.count("(reused)") == 2, times
   assert len(list((tmp_path / "cache" / "tpu_analyses").glob("*.json"))) == 2
   assert result["devices"] == 4 and result["chip"]["name"] == "TPU v5e"
+  # compute_dtype=auto (the default) and conv_impl=auto resolve for the target, not this CPU.
+  assert result["compute_dtype"] == "bfloat16" and result["conv_impl"] == "xla"
   for step in ("train", "eval"):
     memory = result[step]["memory"]
     assert memory["arguments"] > 0 and memory["temporaries"] > 0 and memory["total"] > 0

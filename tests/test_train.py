@@ -12,6 +12,7 @@ from flax import nnx
 from shufflenet_jax import checkpointing, metrics, optim, parallel, train
 from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.data import pipeline
+from shufflenet_jax.models import layers
 from tests import jitted
 
 
@@ -316,6 +317,19 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_config):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["batch_stats"]))
   assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
+
+
+def test_compute_dtype_auto_is_bfloat16_on_tpu_and_gpu_and_float32_on_cpu(tiny_config):
+  assert tiny_config.compute_dtype == "auto"  # the default
+  for backend, expected in (("tpu", "bfloat16"), ("gpu", "bfloat16"), ("cpu", "float32")):
+    assert layers.resolve_compute_dtype("auto", backend) == expected
+    for explicit in ("float32", "bfloat16"):  # an explicit dtype is kept on every backend
+      assert layers.resolve_compute_dtype(explicit, backend) == explicit
+  with pytest.raises(ValueError, match=r"compute_dtype='fp16' is not one of \('auto'"):
+    layers.resolve_compute_dtype("fp16")
+  model = train.build_model(tiny_config)  # on this CPU: float32 layers
+  activations = model.conv1(jnp.asarray(_random_batch(16)["image"]), train=False)
+  assert activations.dtype == jnp.float32
 
 
 def test_eval_checkpoint_without_checkpoint_is_a_clear_error(tiny_config, tmp_path):

@@ -82,6 +82,20 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   return impl
 
 
+# compute_dtype: `auto` computes in bfloat16 where the chips have bfloat16 matrix units (TPU,
+# GPU) and in float32 on CPU, where XLA:CPU emulates bfloat16 and is slower (BENCHMARKS.md).
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
+  """`auto` -> "bfloat16" on TPU and GPU, "float32" on CPU (default: JAX's default backend)."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={name!r} is not one of {COMPUTE_DTYPES}")
+  if name == "auto":
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+  return name
+
+
 def group_major(conv_impl: str, groups: int) -> bool:
   """Whether a ShuffleNet v1 stage with `groups` runs group-major (matmul.to_groups): only
   under the matmul formulation, where its grouped 1x1 convs become transpose-free matmuls."""
