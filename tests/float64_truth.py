@@ -141,7 +141,13 @@ def float64_runs(name: str, kwargs: dict, state, x, mask_sets):
   with jitted.xla_optimisations(False), jax.enable_x64(True):
     step = jax.jit(run)
     state, x = _as_float64(state), _as_float64(x)
-    return [jax.device_get(step(state, x, masks)) for masks in mask_sets]
+    results = []
+    for masks in mask_sets:  # both implementations usually decide every ReLU alike: run once
+      same = next((r for m, r in results
+                   if len(m) == len(masks) and all(map(np.array_equal, m, masks))), None)
+      results.append((masks, same if same is not None else
+                      jax.device_get(step(state, x, masks))))
+    return [r for _, r in results]
 
 
 def tree_error(values, truth) -> dict[str, float]:

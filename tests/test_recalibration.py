@@ -28,31 +28,42 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def _direct_statistics(config, params, batches) -> dict[str, np.ndarray]:
-  """Every BatchNorm's input recorded in a train-mode forward (XLA's convs, NHWC), its per-channel
-  mean and biased variance taken in float64, averaged over the batches."""
+  """Every BatchNorm's input recorded in a train-mode forward (XLA's convs, NHWC; one jitted
+  program), its per-channel mean and biased variance taken in float64, averaged over the
+  batches."""
   direct_config = ml_collections.ConfigDict(config.to_dict())
   direct_config.conv_impl = "xla"
   model = train.build_model(direct_config)
   nnx.update(model, params)
-  names = {id(m): path for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
-  inputs: dict[tuple, list] = {path: [] for path in names.values()}
+  graphdef, state = nnx.split(model)
+  bn_paths = lambda m: {id(bn): path for path, bn in nnx.iter_modules(m)
+                        if isinstance(bn, nnx.BatchNorm)}
+  paths = list(bn_paths(model).values())
   original = nnx.BatchNorm.__call__
 
-  def recording(self, x, *args, **kwargs):
-    inputs[names[id(self)]].append(np.asarray(x, np.float64))
-    return original(self, x, *args, **kwargs)
+  def bn_inputs(state, x):
+    merged = nnx.merge(graphdef, state)
+    names, recorded = bn_paths(merged), {}
 
-  nnx.BatchNorm.__call__ = recording
-  try:
-    for batch in batches:
-      model(pipeline.model_input(batch["image"], config), train=True)
-  finally:
-    nnx.BatchNorm.__call__ = original
+    def recording(self, x, *args, **kwargs):
+      assert names[id(self)] not in recorded  # each BatchNorm runs once a forward
+      recorded[names[id(self)]] = x
+      return original(self, x, *args, **kwargs)
+
+    nnx.BatchNorm.__call__ = recording
+    try:
+      merged(x, train=True)
+    finally:
+      nnx.BatchNorm.__call__ = original
+    return [recorded[path] for path in paths]
+
+  run = jax.jit(bn_inputs)
+  inputs = [[np.asarray(x, np.float64) for x in jax.device_get(
+      run(state, pipeline.model_input(batch["image"], config)))] for batch in batches]
   stats = {}
-  for path, xs in inputs.items():
-    assert len(xs) == len(batches), path
-    means = [x.mean(axis=(0, 1, 2)) for x in xs]
-    variances = [x.var(axis=(0, 1, 2)) for x in xs]
+  for k, path in enumerate(paths):
+    means = [xs[k].mean(axis=(0, 1, 2)) for xs in inputs]
+    variances = [xs[k].var(axis=(0, 1, 2)) for xs in inputs]
     stats[path] = (np.mean(means, axis=0), np.mean(variances, axis=0))
   return stats
 
