@@ -37,9 +37,10 @@ MODELS = {  # name -> (get_model name, kwargs)
 }
 
 
-def build(name: str, impl: str, batch: int):
+def build(name: str, impl: str, batch: int, dtype: str = "float32", size: int = 224):
   """One model's jitted train step (SGD) and forward pass on random data, with the project's
-  XLA options unless `impl` ends in `+xla_defaults`. Returns (train_step, forward, state, x, y):
+  XLA options unless `impl` ends in `+xla_defaults`, computing in `dtype` (float32 params).
+  Returns (train_step, forward, state, x, y):
   train_step(*state, x, y) -> (*state, loss); forward(params, batch_stats, x) -> logits."""
   sys.path.insert(0, str(HERE.parent))
   import jax
@@ -54,7 +55,8 @@ def build(name: str, impl: str, batch: int):
   model_name, kwargs = MODELS[name]
   conv_impl, _, variant = impl.partition("+")
   options = {} if variant == "xla_defaults" else parallel.compiler_options()
-  model = get_model(model_name, conv_impl=conv_impl, **kwargs)
+  model = get_model(model_name, conv_impl=conv_impl,
+                    dtype=None if dtype == "float32" else jnp.dtype(dtype), **kwargs)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = optax.sgd(0.01, momentum=0.9)
 
@@ -72,18 +74,19 @@ def build(name: str, impl: str, batch: int):
     return nnx.merge(graphdef, params, stats)(x, train=False)
 
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)).astype(np.float32))
+  x = jnp.asarray(rng.normal(size=(batch, size, size, 3)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
   return (jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=options),
           jax.jit(forward, compiler_options=options), (params, stats, tx.init(params)), x, y)
 
 
-def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
+def measure_jax(name: str, impl: str, batch: int, steps: int, dtype: str = "float32",
+                size: int = 224) -> dict:
   """One model, one conv implementation, in this (fresh) process. `impl` may end in
   `+xla_defaults`: then without the project's XLA options (parallel.compiler_options)."""
   import jax
 
-  train_step, infer, (params, stats, opt_state), x, y = build(name, impl, batch)
+  train_step, infer, (params, stats, opt_state), x, y = build(name, impl, batch, dtype, size)
   start = time.perf_counter()
   step = train_step.lower(params, stats, opt_state, x, y).compile()
   compile_s = time.perf_counter() - start
@@ -111,7 +114,8 @@ def measure_jax(name: str, impl: str, batch: int, steps: int) -> dict:
     latencies.append(time.perf_counter() - start)
   latencies.sort()
   return {"framework": "jax", "jax": jax.__version__, "model": name, "conv_impl": impl,
-          "backend": jax.default_backend(), "train_img_per_s": train_ips,
+          "backend": jax.default_backend(), "dtype": dtype, "batch": batch, "size": size,
+          "train_img_per_s": train_ips,
           "infer_img_per_s": infer_ips, "latency_ms": 1000 * latencies[len(latencies) // 2],
           "compile_s": compile_s,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -181,9 +185,10 @@ def _table(rows: list[dict], torch_rows: dict, pipeline: dict) -> str:
     cost = no_shuffle[impl]["train_img_per_s"] / shuffle[impl]["train_img_per_s"] - 1
     lines.append(f"Channel shuffle cost (v1 1x g3, jax {impl}): train step time "
                  f"{100 * cost:+.1f}% with shuffle vs without.")
-  lines.append(f"Input pipeline: {pipeline['input_img_per_s_per_core']:.0f} img/s per core "
-               f"(JPEG decode of ~{pipeline['jpeg_kb']:.0f} KB 500x375 images + random resized "
-               "crop 224 + flip + normalise).")
+  if pipeline:
+    lines.append(f"Input pipeline: {pipeline['input_img_per_s_per_core']:.0f} img/s per core "
+                 f"(JPEG decode of ~{pipeline['jpeg_kb']:.0f} KB 500x375 images + random resized "
+                 "crop 224 + flip + normalise).")
   return "\n".join(lines)
 
 
@@ -196,20 +201,28 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--repeat", type=int, default=1,
                       help="runs per row, interleaved; the table shows each figure's median")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype of the JAX rows (parameters stay float32)")
+  parser.add_argument("--size", type=int, default=224, help="input height and width")
+  parser.add_argument("--no-variants", action="store_true",
+                      help="no extra matmul+xla_defaults row for v1_g3_1x")
+  parser.add_argument("--pipeline-seconds", type=float, default=5.0,
+                      help="time of the one-core input pipeline figure (0: skip it)")
   parser.add_argument("--quick", action="store_true", help="2 steps, fewer models")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "model:impl" in this process
   parser.add_argument("--out", default=str(HERE / "results"))
   args = parser.parse_args()
   if args.one:
     name, impl = args.one.split(":")
-    print(json.dumps(measure_jax(name, impl, args.batch, args.steps)))
+    print(json.dumps(measure_jax(name, impl, args.batch, args.steps, args.dtype, args.size)))
     return
   if args.quick:
     args.steps, args.models = 2, "v1_g3_0.5x"
   rows, torch_rows = [], {}
   for name in args.models.split(","):
     impls = args.impls.split(",")
-    if name == "v1_g3_1x" and "matmul" in impls:  # what the project's XLA options buy
+    if name == "v1_g3_1x" and "matmul" in impls and not args.no_variants:
+      # what the project's XLA options buy
       impls.append("matmul+xla_defaults")
     runs = {impl: [] for impl in impls}
     if args.torch:
@@ -220,14 +233,14 @@ def main() -> None:
         command = ([args.torch, str(HERE / "torch_shufflenet.py"), name, str(args.batch),
                     str(args.steps)] if impl == "torch" else
                    [sys.executable, __file__, f"--one={name}:{impl}", f"--batch={args.batch}",
-                    f"--steps={args.steps}"])
+                    f"--steps={args.steps}", f"--dtype={args.dtype}", f"--size={args.size}"])
         runs[impl].append(_subprocess_json(command))
     for impl, results in runs.items():
       if impl == "torch":
         torch_rows[name] = _median(results)
       else:
         rows.append(_median(results))
-  pipeline = measure_input_pipeline()
+  pipeline = measure_input_pipeline(args.pipeline_seconds) if args.pipeline_seconds else {}
   header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
             f"date {datetime.date.today()}; command: python benchmarks/benchmark.py "
             f"{' '.join(sys.argv[1:])}")
