@@ -29,8 +29,8 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 def _direct_statistics(config, params, batches) -> dict[str, np.ndarray]:
   """Every BatchNorm's input recorded in a train-mode forward (XLA's convs, NHWC; one jitted
-  program), its per-channel mean and biased variance taken in float64, averaged over the
-  batches."""
+  program), its per-channel mean and unbiased variance (what PyTorch's running average takes)
+  in float64, averaged over the batches."""
   direct_config = ml_collections.ConfigDict(config.to_dict())
   direct_config.conv_impl = "xla"
   model = train.build_model(direct_config)
@@ -63,7 +63,7 @@ def _direct_statistics(config, params, batches) -> dict[str, np.ndarray]:
   stats = {}
   for k, path in enumerate(paths):
     means = [xs[k].mean(axis=(0, 1, 2)) for xs in inputs]
-    variances = [xs[k].var(axis=(0, 1, 2)) for xs in inputs]
+    variances = [xs[k].var(axis=(0, 1, 2), ddof=1) for xs in inputs]  # PyTorch's running var
     stats[path] = (np.mean(means, axis=0), np.mean(variances, axis=0))
   return stats
 

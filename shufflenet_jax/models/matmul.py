@@ -193,8 +193,9 @@ def regroup(xg: jax.Array, permute) -> jax.Array:
 
 
 def batch_norm_grouped(bn: nnx.BatchNorm, xg: jax.Array, train: bool) -> jax.Array:
-  """`bn` (an nnx.BatchNorm over C channels) on group-major xg: the same statistics (float32,
-  E[x^2] - E[x]^2 as nnx computes them), running-average updates and output dtype."""
+  """`bn` (layers.BatchNorm over C channels) on group-major xg: the same statistics (float32,
+  E[x^2] - E[x]^2 as nnx computes them), running-average updates (PyTorch's unbiased running
+  variance) and output dtype."""
   if bn.axis_name is not None:
     raise ValueError("batch_norm_grouped does not average statistics over a named axis")
   g, c = xg.shape[0], xg.shape[-1]
@@ -208,7 +209,8 @@ def batch_norm_grouped(bn: nnx.BatchNorm, xg: jax.Array, train: bool) -> jax.Arr
     mean, var = mean.reshape(-1), var.reshape(-1)
     stop = jax.lax.stop_gradient if bn.mean._can_update or bn.var._can_update else (lambda v: v)
     bn.mean[...] = stop(bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean)
-    bn.var[...] = stop(bn.momentum * bn.var[...] + (1 - bn.momentum) * var)
+    n = xg.shape[1] * xg.shape[2] * xg.shape[3]  # PyTorch's unbiased running variance
+    bn.var[...] = stop(bn.momentum * bn.var[...] + (1 - bn.momentum) * var * (n / max(n - 1, 1)))
   else:
     mean, var = bn.mean[...], bn.var[...]
   mean, var = mean.astype(dtype).reshape(shape), var.astype(dtype).reshape(shape)
