@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr_reference_batch = 1024
   c.lr_schedule = "linear"         # linear (to zero, paper) | cosine | constant
   c.warmup_steps = 0
+  c.lr_schedule_first = False      # True: update k uses the schedule at k, not k - 1 (the
+                                  # official train.py steps its LambdaLR before each update)
   c.momentum = 0.9
   c.nesterov = False
   c.weight_decay = 4e-5            # on conv/FC kernels only
@@ -97,6 +99,7 @@ def imagenet_recipe(c: ml_collections.ConfigDict, recipe: str, model_scale: floa
     c.crop_area = (0.08, 1.0)
     c.label_smoothing = 0.1
     c.color_jitter = 0.4
+    c.lr_schedule_first = True   # its last update has lr 0 (tests/test_recipes.py)
     c.input_format = "bgr_255"
 
 

@@ -62,6 +62,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "lr": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "lr_reference_batch": (lambda v: _integer(v) and v > 0, "an integer > 0"),
     "warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "lr_schedule_first": (lambda v: isinstance(v, bool), "true or false"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),

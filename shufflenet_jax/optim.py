@@ -27,9 +27,13 @@ def lr_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Sc
     decay = optax.constant_schedule(peak)
   else:
     raise ValueError(f"lr_schedule={config.lr_schedule!r} is not one of {SCHEDULES}")
-  if not warmup:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  schedule = decay if not warmup else optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  if config.get("lr_schedule_first", False):
+    # The official train.py calls scheduler.step() before each update: update k (optax's count
+    # k - 1) runs at the schedule's value for k, and the last one at lr 0.
+    return lambda count: schedule(count + 1)
+  return schedule
 
 
 def decay_mask(params):
