@@ -5,6 +5,8 @@ One run times, on the same generated JPEGs (smooth images, which compress like p
     on the host) beside today's (crop box first, JPEG decoded at a reduced DCT scale when the crop
     allows, one resize, uint8 shipped and normalised on the device), for ImageNet's typical
     500x375 and for larger 1000x750 photos;
+  - today's path on the same photos stored re-encoded (`--config.stored_shorter_side`, STORED
+    settings), with their size;
   - per host: batches/s of the real `pipeline.train_loader` with 0, 1 and 2 grain workers.
 
   .venv/bin/python benchmarks/input_pipeline.py [--seconds 5] [--out benchmarks/input_results]
@@ -28,6 +30,8 @@ import numpy as np  # noqa: E402
 from shufflenet_jax.data import throughput  # noqa: E402
 
 SIZES = {"500x375": (500, 375), "1000x750": (1000, 750)}
+# `--config.stored_shorter_side` / `stored_quality` settings timed on the same images.
+STORED = ((160, 90), (256, 90), (320, 95))
 
 
 def previous_path(data: bytes, rng, size: int):
@@ -96,6 +100,14 @@ def main() -> None:
       results["per_core"][f"{name} {label}"] = {**r, "jpeg_kb": kb}
       print(f"{name} ({kb:.0f} KB) {label:8s} {r['img_per_s']:7.1f} img/s/core, "
             f"{r['bytes_shipped']} bytes/image shipped", flush=True)
+    for side, quality in STORED:  # today's path on the images as `prepare` stores them
+      from shufflenet_jax.data import preprocess
+      stored = [preprocess.shrink_jpeg(j, side, quality) for j in jpegs]
+      r = per_core(todays_path, stored, args.seconds)
+      stored_kb = sum(map(len, stored)) / len(stored) / 1024
+      results["per_core"][f"{name} stored shorter {side} q{quality}"] = {**r, "jpeg_kb": stored_kb}
+      print(f"{name} stored at shorter side {side}, q{quality} ({stored_kb:.0f} KB) today "
+            f"{r['img_per_s']:7.1f} img/s/core", flush=True)
   jpegs = throughput.photo_like_jpegs(*SIZES["500x375"], count=16)
   for workers in map(int, args.workers.split(",")):
     r = per_host(jpegs, workers, args.seconds)

@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_workers = 0                # grain decoding processes per host (0 = in-process;
                                   # --config.num_workers=auto: from the host's cores)
   c.on_bad_image = "fail"          # fail | skip (image_folder: skip and count unreadable files)
+  c.stored_shorter_side = 0        # > 0: train JPEGs stored re-encoded with the shorter side at
+  c.stored_quality = 90            # most this, at this JPEG quality (prepared once; cheaper
+                                   # decodes: BENCHMARKS.md). 0: stored as they are
 
   c.batch_size = 128               # global, over all devices of all hosts
   c.eval_batch_size = 256

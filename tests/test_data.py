@@ -152,7 +152,7 @@ def test_preprocessing_shapes_and_determinism():
     preprocess.decode(b"garbage")
 
 
-def test_imagenet_tars_prepare_without_tensorflow(tmp_path):
+def test_imagenet_tars_prepare_without_tensorflow(tmp_path, absl_flags_parsed):
   data_dir = fake_data.write_imagenet_tars(tmp_path / "download")
   config = _imagenet_style_config(tmp_path, "imagenet2012", data_dir)
   dataset = pipeline.load_dataset(config)
@@ -164,6 +164,14 @@ def test_imagenet_tars_prepare_without_tensorflow(tmp_path):
   labels = {dataset.eval[i]["file_name"]: int(dataset.eval[i]["label"]) for i in range(5)}
   assert labels[b"ILSVRC2012_val_00000001.JPEG"] == 65
   batch = next(iter(pipeline.train_loader(config, dataset, 4, seed=0)))
+  assert batch["image"].shape == (4, 32, 32, 3)
+  # Train images stored at shorter side 16 (a directory of their own), read by a grain worker.
+  config.stored_shorter_side, config.num_workers = 16, 1
+  stored = pipeline.load_dataset(config)
+  assert all(min(preprocess.decode(stored.train[i]["image"]).shape[:2]) == 16 for i in range(6))
+  assert [stored.eval[i]["image"] for i in range(5)] == [dataset.eval[i]["image"]
+                                                         for i in range(5)]
+  batch = next(iter(pipeline.train_loader(config, stored, 4, seed=0)))
   assert batch["image"].shape == (4, 32, 32, 3)
 
 
@@ -195,6 +203,37 @@ def test_image_folder_bad_images_fail_or_are_skipped(tmp_path):
   config.tfds_data_dir = str(tmp_path / "tfds_skip")
   dataset = pipeline.load_dataset(config)
   assert len(dataset.train) == 15  # the two broken files left out
+
+
+def test_stored_shorter_side_reencodes_the_larger_train_images_once_and_keeps_eval(tmp_path):
+  root = fake_data.write_image_folder(tmp_path / "images")  # sides 36-59
+  config = _imagenet_style_config(tmp_path, "image_folder", root)
+  config.num_classes = 3
+  originals = pipeline.load_dataset(config)
+  config.stored_shorter_side, config.stored_quality = 40, 85
+  stored = pipeline.load_dataset(config)  # prepared again, beside the originals
+  assert len(stored.train) == len(originals.train) and len(stored.eval) == len(originals.eval)
+  by_name = lambda source: {r["file_name"]: r["image"] for r in map(source.__getitem__,
+                                                                      range(len(source)))}
+  before, after = by_name(originals.train), by_name(stored.train)
+  shrunk = 0
+  for name, data in before.items():
+    image, kept = preprocess.decode(data), preprocess.decode(after[name])
+    if min(image.shape[:2]) <= 40:
+      assert after[name] == data  # small enough: the very bytes
+      continue
+    shrunk += 1
+    assert min(kept.shape[:2]) == 40
+    ratio = image.shape[0] / image.shape[1]
+    assert abs(kept.shape[0] / kept.shape[1] - ratio) < 0.05
+    resized = np.asarray(Image.fromarray(image).resize(kept.shape[1::-1], Image.BICUBIC))
+    assert np.abs(resized.astype(int) - kept).mean() < 6  # the same picture, JPEG q85
+  assert 0 < shrunk < len(before)
+  assert by_name(stored.eval) == by_name(originals.eval)  # eval images stay as they are
+  config.stored_quality = 0
+  with pytest.raises(ValueError, match=r"stored_quality=0 is not valid: must be an integer in"):
+    train.train_and_evaluate(config, str(tmp_path / "never"))
+  assert not (tmp_path / "never").exists()
 
 
 def test_num_classes_mismatch_names_the_right_value(tmp_path):

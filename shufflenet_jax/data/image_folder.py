@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from shufflenet_jax.data import preprocess
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("train", "val")
 BAD_IMAGE_POLICIES = ("fail", "skip")
@@ -59,16 +61,19 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, root: str, on_bad_image: str = "fail", **kwargs):
+  def __init__(self, *, root: str, on_bad_image: str = "fail", shrink: tuple | None = None,
+               **kwargs):
     if on_bad_image not in BAD_IMAGE_POLICIES:
       raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {BAD_IMAGE_POLICIES}")
     self.root = Path(root).expanduser().absolute()
     self.names = class_names(self.root)
     self.on_bad_image = on_bad_image
+    self.shrink = tuple(shrink) if shrink else None  # (shorter side, JPEG quality) for train/
     super().__init__(**kwargs)
     # tfds rebuilds an unpickled builder from `_original_state`: grain's worker processes
     # receive the data source (and this builder with it) pickled.
-    self._original_state.update(root=str(self.root), on_bad_image=on_bad_image)
+    self._original_state.update(root=str(self.root), on_bad_image=on_bad_image,
+                                shrink=self.shrink)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=encoded_image_features(self.names),
@@ -95,6 +100,8 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
         skipped.append(str(path))
         continue
       key = str(path.relative_to(self.root))
+      if self.shrink and split == "train":
+        data = preprocess.shrink_jpeg(data, *self.shrink)
       yield key, {"image": data, "label": label, "file_name": key}
     if skipped:
       logging.warning("Skipped %d unreadable image(s) in %s/%s: %s", len(skipped), self.root,
@@ -103,11 +110,13 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
             flush=True)
 
 
-def image_folder_builder(tfds_dir: str, root: str,
-                         on_bad_image: str = "fail") -> LocalImageFolder:
-  """A builder whose prepared files live under a hash of the folder's path and class list."""
+def image_folder_builder(tfds_dir: str, root: str, on_bad_image: str = "fail",
+                         shrink: tuple | None = None) -> LocalImageFolder:
+  """A builder whose prepared files live under a hash of the folder's path and class list (and
+  the stored size `shrink`: each setting is prepared once, beside the others)."""
   resolved = Path(root).expanduser().absolute()
-  digest = hashlib.sha1(f"{resolved}|{class_names(resolved)}|{on_bad_image}".encode())
+  setting = f"|{tuple(shrink)}" if shrink else ""
+  digest = hashlib.sha1(f"{resolved}|{class_names(resolved)}|{on_bad_image}{setting}".encode())
   data_dir = Path(tfds_dir) / "image_folders" / digest.hexdigest()[:12]
-  return LocalImageFolder(root=str(resolved), on_bad_image=on_bad_image, data_dir=str(data_dir),
-                          file_format="array_record")
+  return LocalImageFolder(root=str(resolved), on_bad_image=on_bad_image, shrink=shrink,
+                          data_dir=str(data_dir), file_format="array_record")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from shufflenet_jax.data import preprocess
 from shufflenet_jax.data.image_folder import encoded_image_features
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -46,6 +47,11 @@ class Imagenet2012Tars(tfds.core.GeneratorBasedBuilder):
       f"Download {TRAIN_TAR} and {VAL_TAR} from image-net.org (ILSVRC 2012) into one folder and "
       "pass it as --config.data_dir")
 
+  def __init__(self, *, shrink: tuple | None = None, **kwargs):
+    self.shrink = tuple(shrink) if shrink else None  # (shorter side, JPEG quality) for train
+    super().__init__(**kwargs)
+    self._original_state.update(shrink=self.shrink)  # grain's workers unpickle the builder
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=encoded_image_features(synsets()))
 
@@ -70,8 +76,10 @@ class Imagenet2012Tars(tfds.core.GeneratorBasedBuilder):
         with tarfile.open(fileobj=inner_bytes) as inner:
           for image in inner:
             if image.isfile():
-              yield image.name, {"image": inner.extractfile(image).read(), "label": synset,
-                                 "file_name": image.name}
+              data = inner.extractfile(image).read()
+              if self.shrink:
+                data = preprocess.shrink_jpeg(data, *self.shrink)
+              yield image.name, {"image": data, "label": synset, "file_name": image.name}
 
   def _validation_examples(self, path: Path):
     labels = validation_labels(path)
@@ -82,9 +90,14 @@ class Imagenet2012Tars(tfds.core.GeneratorBasedBuilder):
                               "label": labels[member.name], "file_name": member.name}
 
 
-def imagenet_builder(tfds_dir: str, manual_dir: str) -> Imagenet2012Tars:
-  """The builder; before the one-off preparation, checks that both tars are in `manual_dir`."""
-  builder = Imagenet2012Tars(data_dir=tfds_dir, file_format="array_record")
+def imagenet_builder(tfds_dir: str, manual_dir: str,
+                     shrink: tuple | None = None) -> Imagenet2012Tars:
+  """The builder; before the one-off preparation, checks that both tars are in `manual_dir`.
+  With `shrink` (shorter side, quality) the train images are stored re-encoded, in their own
+  directory beside the originals' (validation stays as it is)."""
+  if shrink:
+    tfds_dir = str(Path(tfds_dir) / f"stored_shorter{shrink[0]}_q{shrink[1]}")
+  builder = Imagenet2012Tars(data_dir=tfds_dir, file_format="array_record", shrink=shrink)
   prepared = (Path(builder.data_dir) / "dataset_info.json").exists()
   missing = [name for name in (TRAIN_TAR, VAL_TAR)
              if not (Path(manual_dir).expanduser() / name).is_file()]

@@ -81,10 +81,11 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     check_files(config.data_dir)
     make_builder = lambda: FashionMnistIdx(data_dir=tfds_dir, file_format="array_record")
   elif name == "imagenet2012":
-    make_builder = lambda: imagenet_builder(tfds_dir, config.data_dir)
+    make_builder = lambda: imagenet_builder(tfds_dir, config.data_dir, stored_size(config))
     decoders = {"image": tfds.decode.SkipDecoding()}  # JPEG bytes: we decode and crop
   else:
-    make_builder = lambda: image_folder_builder(tfds_dir, config.data_dir, config.on_bad_image)
+    make_builder = lambda: image_folder_builder(tfds_dir, config.data_dir, config.on_bad_image,
+                                                stored_size(config))
     decoders = {"image": tfds.decode.SkipDecoding()}
   mean, std = mean_std(name)
   builder = _prepare(make_builder, config.data_dir)
@@ -96,6 +97,12 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     raise ValueError(f"num_classes={config.num_classes} but {name} in {config.data_dir!r} has "
                      f"{len(names)} classes; set --config.num_classes={len(names)}")
   return Dataset(*sources, class_names=names, mean=mean, std=std)
+
+
+def stored_size(config) -> tuple[int, int] | None:
+  """(shorter side, JPEG quality) the train images are stored at, or None (as they are)."""
+  side = config.get("stored_shorter_side", 0)
+  return (side, config.get("stored_quality", 90)) if side else None
 
 
 AUGMENTS = ("small", "imagenet")

@@ -32,6 +32,22 @@ def decode(image) -> np.ndarray:
     raise BadImageError(f"cannot decode image ({len(bytes(image))} bytes): {e}") from e
 
 
+def shrink_jpeg(data: bytes, shorter_side: int, quality: int) -> bytes:
+  """Encoded image bytes with the shorter side at most `shorter_side`: larger images are resized
+  (antialiased) and re-encoded as JPEG at `quality`, smaller ones kept byte for byte. Storing
+  train images so (config stored_shorter_side) makes every later decode cheaper (BENCHMARKS.md)."""
+  with Image.open(io.BytesIO(bytes(data))) as img:
+    width, height = img.size
+    if min(width, height) <= shorter_side:
+      return bytes(data)
+    scale = shorter_side / min(width, height)
+    size = (max(shorter_side, round(width * scale)), max(shorter_side, round(height * scale)))
+    img.draft("RGB", size)  # libjpeg decodes at the largest DCT scale still above `size`
+    out = io.BytesIO()
+    img.convert("RGB").resize(size, Image.BICUBIC).save(out, "JPEG", quality=quality)
+  return out.getvalue()
+
+
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   if image.shape[:2] == (height, width):
     return image
