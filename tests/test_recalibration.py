@@ -13,6 +13,7 @@ from flax import nnx
 from shufflenet_jax import parallel, train
 from shufflenet_jax import workdir as workdir_files
 from shufflenet_jax.data import pipeline
+from shufflenet_jax.models import layers
 from tests import processes
 
 
@@ -39,7 +40,7 @@ def _direct_statistics(config, params, batches) -> dict[str, np.ndarray]:
   bn_paths = lambda m: {id(bn): path for path, bn in nnx.iter_modules(m)
                         if isinstance(bn, nnx.BatchNorm)}
   paths = list(bn_paths(model).values())
-  original = nnx.BatchNorm.__call__
+  original = layers.BatchNorm.__call__  # the models' BN
 
   def bn_inputs(state, x):
     merged = nnx.merge(graphdef, state)
@@ -50,11 +51,11 @@ def _direct_statistics(config, params, batches) -> dict[str, np.ndarray]:
       recorded[names[id(self)]] = x
       return original(self, x, *args, **kwargs)
 
-    nnx.BatchNorm.__call__ = recording
+    layers.BatchNorm.__call__ = recording
     try:
       merged(x, train=True)
     finally:
-      nnx.BatchNorm.__call__ = original
+      layers.BatchNorm.__call__ = original
     return [recorded[path] for path in paths]
 
   run = jax.jit(bn_inputs)

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import normalization  # nnx's BatchNorm helpers (layers.BatchNorm)
 
 from shufflenet_jax.models import matmul
 
@@ -173,45 +174,31 @@ class BatchNorm(nnx.BatchNorm):
   """nnx.BatchNorm with PyTorch's running-variance update: a batch is normalised with its biased
   variance (as nnx does), but the running average takes the unbiased one, n / (n - 1) times it
   for n values a channel, as torch.nn.BatchNorm2d does (found by tests/test_recipes.py: after 10
-  steps at batch 16 the official training's stage-4 running variances were 3% above nnx's)."""
+  steps at batch 16 the official training's stage-4 running variances were 3% above nnx's).
+  The train-mode path is nnx's own, through its helpers, with that one update changed."""
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = (self.use_running_average if use_running_average is None
                            else use_running_average)
     if use_running_average or mask is not None:
       return super().__call__(x, use_running_average=use_running_average, mask=mask)
-    old_var = self.var[...]
-    y = super().__call__(x, use_running_average=False)
-    # nnx just set var = m * old + (1 - m) * v; PyTorch's update adds (1 - m) * v / (n - 1).
-    reduction_axes = [i for i in range(x.ndim) if i not in _feature_axes(x.ndim, self.axis)]
+    feature_axes = normalization._canonicalize_axes(x.ndim, self.axis)
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    x, _, _, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype)
+    mean, var = normalization._compute_stats(
+        x, reduction_axes, dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance)
     n = math.prod(x.shape[i] for i in reduction_axes)
     if self.axis_name is not None:
       n = n * jax.lax.psum(1, self.axis_name)
-    batch_var = _batch_variance(self, x, reduction_axes)
-    stop = jax.lax.stop_gradient if self.var._can_update else (lambda v: v)
-    self.var[...] = stop(self.momentum * old_var + (1 - self.momentum) * unbiased(batch_var, n))
-    return y
-
-
-def _feature_axes(ndim: int, axis) -> tuple[int, ...]:
-  axes = axis if isinstance(axis, (tuple, list)) else (axis,)
-  return tuple(a % ndim for a in axes)
-
-
-def _batch_variance(bn: nnx.BatchNorm, x, reduction_axes) -> jax.Array:
-  """The biased batch variance exactly as nnx.BatchNorm computes it for normalising (XLA
-  computes it once: the same expression)."""
-  from flax.nnx.nn import normalization  # nnx's own helper, so the two cannot drift apart
-  x = bn.promote_dtype((x, bn.mean[...], bn.var[...], bn.scale[...], bn.bias[...]),
-                       dtype=bn.dtype)[0]
-  return normalization._compute_stats(
-      x, reduction_axes, dtype=bn.dtype, axis_name=bn.axis_name,
-      axis_index_groups=bn.axis_index_groups, use_fast_variance=bn.use_fast_variance)[1]
-
-
-def unbiased(var: jax.Array, n: int) -> jax.Array:
-  """PyTorch's running-variance input: the unbiased estimate from a biased variance of n."""
-  return var * (n / max(n - 1, 1))
+    stop = jax.lax.stop_gradient if self.mean._can_update or self.var._can_update else (
+        lambda v: v)
+    self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+    self.var[...] = stop(self.momentum * self.var[...]
+                         + (1 - self.momentum) * matmul.unbiased(var, n))
+    return normalization._normalize(x, mean, var, scale, bias, reduction_axes, feature_axes,
+                                    self.dtype, self.epsilon)
 
 
 def batch_norm(features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:

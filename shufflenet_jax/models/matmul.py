@@ -192,6 +192,12 @@ def regroup(xg: jax.Array, permute) -> jax.Array:
   return to_groups(permute(from_groups(xg)), xg.shape[0])
 
 
+def unbiased(var: jax.Array, n) -> jax.Array:
+  """PyTorch's running-variance input: the unbiased estimate from the biased variance of n
+  values (layers.BatchNorm and batch_norm_grouped)."""
+  return var * (n / jnp.maximum(n - 1, 1))
+
+
 def batch_norm_grouped(bn: nnx.BatchNorm, xg: jax.Array, train: bool) -> jax.Array:
   """`bn` (layers.BatchNorm over C channels) on group-major xg: the same statistics (float32,
   E[x^2] - E[x]^2 as nnx computes them), running-average updates (PyTorch's unbiased running
@@ -209,8 +215,8 @@ def batch_norm_grouped(bn: nnx.BatchNorm, xg: jax.Array, train: bool) -> jax.Arr
     mean, var = mean.reshape(-1), var.reshape(-1)
     stop = jax.lax.stop_gradient if bn.mean._can_update or bn.var._can_update else (lambda v: v)
     bn.mean[...] = stop(bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean)
-    n = xg.shape[1] * xg.shape[2] * xg.shape[3]  # PyTorch's unbiased running variance
-    bn.var[...] = stop(bn.momentum * bn.var[...] + (1 - bn.momentum) * var * (n / max(n - 1, 1)))
+    n = xg.shape[1] * xg.shape[2] * xg.shape[3]
+    bn.var[...] = stop(bn.momentum * bn.var[...] + (1 - bn.momentum) * unbiased(var, n))
   else:
     mean, var = bn.mean[...], bn.var[...]
   mean, var = mean.astype(dtype).reshape(shape), var.astype(dtype).reshape(shape)
