@@ -182,6 +182,15 @@ def _analysis(lowered, name: str, num_slices: int) -> dict:
   return {**result, "cached": False}
 
 
+def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of the config with its `auto` choices (conv_impl, compute_dtype) resolved for the
+  TPU target, not for this CPU."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.conv_impl = resolve_conv_impl(config.conv_impl, backend="tpu")
+  config.compute_dtype = resolve_compute_dtype(config.compute_dtype, backend="tpu")
+  return config
+
+
 def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int = 1,
                   include_eval: bool = True, per_core: float | None = None) -> dict:
   """Compiles the config's train and eval steps for topology `name`; returns the report dict.
@@ -190,9 +199,7 @@ def compile_check(config: ml_collections.ConfigDict, name: str, num_slices: int 
   devices = len(topo.devices)
   _check_divides(config.batch_size, devices, "batch_size")
   _check_divides(config.eval_batch_size, devices, "eval_batch_size")
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.conv_impl = resolve_conv_impl(config.conv_impl, backend="tpu")  # the target's, not ours
-  config.compute_dtype = resolve_compute_dtype(config.compute_dtype, backend="tpu")
+  config = for_tpu(config)
   mesh = parallel.make_mesh(topo.devices)
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps))
   graphdef, state = train.abstract_train_state(config, mesh, tx)
@@ -340,10 +347,10 @@ def plan(runs, overrides: list[str], name: str, num_slices: int = 1) -> tuple[st
   rows, cache, rates, topo = [], {}, {}, None
   for index, run in enumerate(runs, 1):
     config = sweeps.apply_overrides(config_files.load_config(run.config), overrides)
-    key = (config.model, str(sorted(dict(config.model_kwargs).items())), config.batch_size,
-           config.eval_batch_size, config.input_size, config.in_channels, config.num_classes,
-           resolve_compute_dtype(config.compute_dtype, backend="tpu"), config.bn_mode,
-           resolve_conv_impl(config.conv_impl, backend="tpu"))
+    target = for_tpu(config)
+    key = (target.model, str(sorted(dict(target.model_kwargs).items())), target.batch_size,
+           target.eval_batch_size, target.input_size, target.in_channels, target.num_classes,
+           target.compute_dtype, target.bn_mode, target.conv_impl)
     transform = (config.augment, config.input_size, config.in_channels, config.color_jitter)
     if transform not in rates:  # timed once per transform, not once per compile
       rates[transform] = throughput.per_core_rate(config)
